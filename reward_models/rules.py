@@ -1,0 +1,61 @@
+"""Rule-based reward terms on a parsed, grounded listing. Each term is a named number.
+
+Positive terms are in [0, 1] (more is better); penalty terms are in [-1, 0]. The composite reward
+multiplies each by its weight from ``ppo.rules``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from rlhf.catalog import Catalog, normalise
+from rlhf.listing import GroundedEntry
+
+TERMS = ("parses", "has_k", "in_catalog", "no_duplicates", "not_in_history", "in_candidates", "explained")
+
+
+def explanation_tied(explanation: str, history_ids: list[str], catalog: Catalog) -> bool:
+    """True when the explanation names an item of the history or a genre the history has."""
+    text = normalise(explanation)
+    if not text:
+        return False
+    words = f" {text} "
+    genres = set()
+    for hid in history_ids:
+        if hid not in catalog:
+            continue
+        it = catalog[hid]
+        title = normalise(it.title)
+        if title and f" {title} " in words:
+            return True
+        genres.update(normalise(g) for g in it.genres)
+    return any(g and re.search(rf"\b{re.escape(g)}\b", text) for g in genres)
+
+
+def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], catalog: Catalog,
+               candidate_ids: list[str] | None = None) -> dict[str, float]:
+    n = len(entries)
+    if n == 0:
+        return {"parses": 0.0, "has_k": 0.0, "in_catalog": 0.0, "no_duplicates": 0.0, "not_in_history": 0.0,
+                "in_candidates": 0.0, "explained": 0.0}
+    ids = [e.item_id for e in entries]
+    grounded = [i for i in ids if i is not None]
+    history = set(history_ids)
+    dupes = len(grounded) - len(set(grounded))
+    terms = {
+        "parses": 1.0,
+        "has_k": max(0.0, 1.0 - abs(n - k) / k),
+        "in_catalog": len(grounded) / n,
+        "no_duplicates": -dupes / n,
+        "not_in_history": -sum(i in history for i in grounded) / n,
+        "in_candidates": 0.0,
+        "explained": sum(explanation_tied(e.explanation, history_ids, catalog) for e in entries) / n,
+    }
+    if candidate_ids:
+        cands = set(candidate_ids)
+        terms["in_candidates"] = -sum(i not in cands for i in ids) / n
+    return terms
+
+
+def weighted_sum(terms: dict[str, float], weights) -> float:
+    return sum(float(getattr(weights, name)) * value for name, value in terms.items())

@@ -1,0 +1,136 @@
+"""Reward-model stage: TRL RewardTrainer on preference pairs, LoRA with the score head saved.
+
+    rlhf reward --run runs/demo --config recipes/demo.yaml [--sources ratings,clicks,simulator,labels]
+
+Writes RUN_DIR/reward/model (a full AutoModelForSequenceClassification: PPO's reward and the start of
+its value model), reward/adapter (LoRA + head), reward/metrics.json (held-out pairwise accuracy overall
+and per source) and reward/log.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from reward_models.encoding import encode, score_sequences
+from reward_models.pairs import balance, load_pairs, source_family, split_by_user
+from rlhf.config import Config, save_resolved
+from rlhf.runs import RunDir
+
+
+def _tokenized(rows, tokenizer, max_length: int, use_margin: bool):
+    out, too_long = [], 0
+    for r in rows:
+        c = encode(tokenizer, r["prompt"], r["chosen"][0]["content"])
+        j = encode(tokenizer, r["prompt"], r["rejected"][0]["content"])
+        if max(len(c), len(j)) > max_length:
+            too_long += 1
+            continue
+        ex = {"chosen_ids": c, "rejected_ids": j, "source": r["source"]}
+        if use_margin:
+            ex["margin"] = float(r.get("margin") or 0.0)
+        out.append(ex)
+    return out, too_long
+
+
+def pairwise_accuracy(model, tokenizer, examples: list[dict]) -> dict:
+    """Share of held-out pairs where the chosen side scores higher, overall and per source family."""
+    if not examples:
+        return {"overall": None, "by_source": {}, "n": 0}
+    chosen = score_sequences(model, [e["chosen_ids"] for e in examples], tokenizer.pad_token_id)
+    rejected = score_sequences(model, [e["rejected_ids"] for e in examples], tokenizer.pad_token_id)
+    hits, by = [], {}
+    for e, c, r in zip(examples, chosen, rejected):
+        h = float(c > r)
+        hits.append(h)
+        by.setdefault(source_family(e["source"]), []).append(h)
+    return {"overall": sum(hits) / len(hits), "n": len(hits),
+            "by_source": {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(by.items())},
+            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(hits)}
+
+
+def load_reward_model(path: str | Path, dtype: str = "float32"):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models import torch_dtype
+
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
+    return model
+
+
+def run_reward(cfg: Config, run_dir: Path) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    from rlhf.models import load_tokenizer, lora_config, resolve_model
+    from rlhf.sft import trainer_precision
+
+    run = RunDir(run_dir)
+    run.require("data", run.data / "pairs")
+    rc, mc = cfg.reward, cfg.model
+    rows, report = load_pairs(run_dir, rc.sources)
+    if not rows:
+        raise ValueError(f"no preference pairs for sources {rc.sources} under {run.data / 'pairs'}; "
+                         "run `rlhf data prepare` (and `rlhf label import` for labels)")
+    if rc.balance:
+        rows = balance(rows, rc.balance_ratio, cfg.run.seed)
+    train_rows, val_rows = split_by_user(rows, rc.val_fraction, cfg.run.seed)
+    out = run_dir / "reward"
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run_dir, ["reward"])
+    torch.manual_seed(cfg.run.seed)
+
+    base_path = resolve_model(mc.name)
+    tokenizer = load_tokenizer(base_path)
+    train_ex, long_train = _tokenized(train_rows, tokenizer, rc.max_length, rc.use_margin)
+    val_ex, long_val = _tokenized(val_rows, tokenizer, rc.max_length, rc.use_margin)
+    if rc.max_train_examples:
+        train_ex = train_ex[: rc.max_train_examples]
+    if not train_ex:
+        raise ValueError(f"every training pair is longer than reward.max_length={rc.max_length}; raise it")
+
+    model = load_reward_model(base_path, mc.dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = TRLRewardConfig(
+        output_dir=str(out / "trainer"), max_steps=rc.max_steps, num_train_epochs=rc.epochs,
+        per_device_train_batch_size=rc.batch_size, gradient_accumulation_steps=rc.grad_accum,
+        learning_rate=rc.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, rc.max_steps // 10),
+        logging_steps=rc.logging_steps, max_length=rc.max_length,
+        center_rewards_coefficient=rc.center_rewards_coefficient or None, save_strategy="no", report_to="none",
+        seed=cfg.run.seed, data_seed=cfg.run.seed, dataloader_num_workers=0, gradient_checkpointing=rc.gradient_checkpointing, **trainer_precision(mc),
+    )
+    columns = ["chosen_ids", "rejected_ids"] + (["margin"] if rc.use_margin else [])
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=Dataset.from_list([{c: e[c] for c in columns} for e in train_ex]),
+                            peft_config=lora_config(mc, task_type="SEQ_CLS") if mc.use_lora else None)
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    with open(out / "log.jsonl", "w") as f:
+        for entry in trainer.state.log_history:
+            f.write(json.dumps(entry) + "\n")
+    if not trainer.accelerator.is_main_process:
+        return {}
+    trained = trainer.model
+    if mc.use_lora:
+        trained.save_pretrained(out / "adapter")
+        trained = trained.merge_and_unload()
+    trained.config.pad_token_id = tokenizer.pad_token_id
+    trained.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+
+    acc = pairwise_accuracy(trained, tokenizer, val_ex)
+    train_acc = pairwise_accuracy(trained, tokenizer, train_ex[:200])
+    metrics = {"steps": trainer.state.global_step, "seconds": round(seconds, 1),
+               "pairs": {"read": report["read"], "dropped": report["dropped"], "train": len(train_ex),
+                         "val": len(val_ex), "too_long": long_train + long_val},
+               "val_accuracy": acc["overall"], "val_by_source": acc["by_source"],
+               "val_mean_margin": acc.get("mean_margin"), "train_accuracy_sample": train_acc["overall"]}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    per = ", ".join(f"{s}={v['accuracy']:.3f} (n={v['n']})" for s, v in acc["by_source"].items())
+    print(f"reward: {metrics['steps']} steps in {seconds:.0f}s; held-out accuracy {acc['overall']:.3f} [{per}]")
+    print(f"reward: wrote {out / 'model'}")
+    return metrics

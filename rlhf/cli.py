@@ -1,0 +1,192 @@
+"""The `rlhf` command: a subcommand per stage. Parsing only; each stage lives in its own module.
+
+    rlhf data prepare --source builtin --out runs/demo
+    rlhf sft --run runs/demo --config recipes/demo.yaml sft.max_steps=40
+    accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m rlhf ppo --run runs/demo
+
+Every stage takes ``--config FILE.yaml`` and trailing ``section.field=value`` overrides (a bare
+``field=value`` applies to the stage's own section), validates them before loading anything, and
+writes the resolved config to RUN_DIR/config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_ERROR, EXIT_USAGE, EXIT_NOT_IMPLEMENTED = 1, 2, 3
+
+
+class NotImplementedStage(RuntimeError):
+    pass
+
+
+def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
+    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval)")
+    p.add_argument(run_flag, dest="run", help="run directory (default: runs/<run.name> from the config)")
+    p.add_argument("--model", help="base model: smollm2-135m (default), tiny, a local path or a hub id")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF fine-tuning of an LLM recommender: "
+                                     "data -> SFT -> reward model -> PPO -> eval.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="prepare datasets from logs or the built-in simulator")
+    dsub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prep = dsub.add_parser("prepare", help="source -> catalog, interactions, splits, SFT examples, pairs, prompts")
+    _common(prep, "--out")
+    prep.add_argument("--source", choices=["builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic"])
+    prep.add_argument("--path", help="input folder or file (not for builtin)")
+    prep.add_argument("--max-users", type=int)
+    prep.add_argument("--min-history", type=int)
+    prep.add_argument("--mode", choices=["generate", "rerank"])
+    prep.add_argument("--num-candidates", type=int)
+    prep.add_argument("--retriever", choices=["ease", "itemknn", "popularity", "random"])
+    prep.add_argument("--k", type=int)
+    prep.add_argument("--seed", type=int)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning (TRL SFTTrainer, LoRA)")
+    _common(sft)
+
+    reward = sub.add_parser("reward", help="train the reward model on preference pairs (TRL RewardTrainer)")
+    _common(reward)
+    reward.add_argument("--sources", help="comma list of ratings,clicks,labels,simulator")
+
+    ppo = sub.add_parser("ppo", help="PPO with LoRA against the composite reward (TRL PPOTrainer)")
+    _common(ppo)
+    ppo.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+
+    ev = sub.add_parser("eval", help="evaluate stages and baselines on held-out users")
+    _common(ev)
+    ev.add_argument("--stages", help="comma list of base,sft,ppo")
+    ev.add_argument("--split", choices=["test", "val"])
+    ev.add_argument("--max-users", type=int)
+    ev.add_argument("--k", type=int, help="cut-off for accuracy metrics (default: the run's K)")
+
+    rec = sub.add_parser("recommend", help="write a ranked, explained list for one user or history")
+    _common(rec)
+    rec.add_argument("--stage", choices=["base", "sft", "ppo"], default="ppo")
+    who = rec.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a user id from the run's data")
+    who.add_argument("--history", help='titles separated by ";", e.g. "The Matrix; Alien (1979)"')
+    rec.add_argument("--k", type=int)
+    rec.add_argument("--constrained", action="store_true", help="only catalog titles at item positions")
+    rec.add_argument("--json", action="store_true", help="print one JSON object")
+    rec.add_argument("--max-new-tokens", type=int, default=160)
+
+    label = sub.add_parser("label", help="offline preference-labeling rounds")
+    lsub = label.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name in ("export", "serve", "import", "simulate"):
+        lp = lsub.add_parser(name)
+        _common(lp)
+        lp.add_argument("--round", type=int, required=True)
+
+    exp = sub.add_parser("export", help="package adapters for chat assistants")
+    _common(exp)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--stage", choices=["sft", "ppo"], default="ppo")
+    exp.add_argument("--merge", action="store_true")
+
+    pipe = sub.add_parser("pipeline", help="data -> sft -> reward -> ppo -> eval, skipping finished stages")
+    _common(pipe)
+    return parser
+
+
+def _flag_overrides(args) -> list[str]:
+    """Map explicit flags onto config fields (they win over the recipe, as overrides do)."""
+    out = []
+    pairs = {"source": "data.source", "path": "data.path", "max_users": "data.max_users",
+             "min_history": "data.min_history", "mode": "data.mode", "num_candidates": "data.num_candidates",
+             "retriever": "data.retriever", "seed": "data.seed", "sources": "reward.sources", "split": "eval.split",
+             "stages": "eval.stages"}
+    for attr, key in pairs.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            out.append(f"{key}={v}")
+    if args.command == "data" and args.k is not None:
+        out.append(f"data.k={args.k}")
+    if args.command == "eval" and getattr(args, "max_users", None) is not None:
+        out = [o for o in out if not o.startswith("data.max_users")] + [f"eval.max_users={args.max_users}"]
+    if args.model:
+        out.append(f"model.name={args.model}")
+    return out
+
+
+def _load(args):
+    from rlhf.config import load_config
+
+    section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval"}.get(args.command)
+    cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)], default_section=section)
+    if args.run:
+        cfg.run.dir = args.run
+    return cfg
+
+
+def dispatch(args) -> int:
+    cfg = _load(args)
+    run_dir = cfg.run.path
+    cmd = args.command
+    if cmd == "data":
+        from rlhf.stages import run_data
+
+        run_data(cfg, run_dir)
+    elif cmd == "sft":
+        from rlhf.sft import run_sft
+
+        run_sft(cfg, run_dir)
+    elif cmd == "reward":
+        from reward_models.train import run_reward
+
+        run_reward(cfg, run_dir)
+    elif cmd == "ppo":
+        from rlhf.ppo import run_ppo
+
+        run_ppo(cfg, run_dir, resume=args.resume)
+    elif cmd == "eval":
+        from rlhf.evaluate import run_eval
+
+        run_eval(cfg, run_dir, k=args.k)
+    elif cmd == "recommend":
+        from rlhf.recommend import run_recommend
+
+        run_recommend(cfg, run_dir, args)
+    elif cmd == "pipeline":
+        from rlhf.pipeline import run_pipeline
+
+        run_pipeline(cfg, run_dir, args.config, [*args.overrides, *_flag_overrides(args)])
+    else:
+        raise NotImplementedStage(f"`rlhf {cmd}{' ' + args.action if getattr(args, 'action', None) else ''}` "
+                                  "is not implemented yet")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from rlhf.config import ConfigError
+    from rlhf.interactions import DataError
+    from rlhf.models import ModelError
+    from rlhf.runs import MissingInput
+
+    prog = f"rlhf {args.command}"
+    try:
+        return dispatch(args)
+    except NotImplementedStage as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except ConfigError as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, MissingInput, ModelError, FileNotFoundError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""One dataclass per stage, loaded from a sectioned YAML recipe and ``section.field=value`` overrides.
+
+A recipe has one top-level mapping per section (``run``, ``model``, ``data``, ``sft``, ``reward``,
+``ppo``, ``eval``, ``label``); every section is optional and every field has a default. Values are
+checked against the field's type when loaded and cross-field rules run in ``__post_init__``, so a bad
+recipe fails before any model is loaded. Each stage writes the resolved config into
+``RUN_DIR/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema; the message names the field."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _choice(name: str, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and the seed every stage starts from."""
+
+    name: str = _f("demo", "run name; the run directory defaults to runs/<name>")
+    dir: str = _f("", "run directory (overrides runs/<name>)")
+    seed: int = _f(0, "global seed")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir or os.path.join("runs", self.name))
+
+
+@dataclass
+class ModelConfig:
+    """The base model and how adapters sit on it."""
+
+    name: str = _f("smollm2-135m", "'smollm2-135m', 'tiny', a local directory or a hub id")
+    dtype: str = _f("float32", "weights dtype: float32 | bfloat16 | float16 (bf16 wants a GPU)")
+    use_lora: bool = _f(True, "train LoRA adapters; false = full fine-tuning")
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.05, "LoRA dropout")
+    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                   "modules that get LoRA adapters")
+    load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4-bit with bitsandbytes (needs CUDA)")
+
+    def __post_init__(self):
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.lora_r < 1:
+            raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r}")
+        if self.load_in_4bit:
+            if not self.use_lora:
+                raise ConfigError("model.load_in_4bit (QLoRA) trains adapters only: set model.use_lora=true")
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("model.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; "
+                                  "this machine has none. Drop load_in_4bit to train LoRA in full precision.")
+
+
+@dataclass
+class DataConfig:
+    """What `rlhf data prepare` reads and how it builds the stage datasets."""
+
+    source: str = _f("builtin", "builtin | movielens-100k | movielens | goodbooks | amazon | generic")
+    path: str = _f("", "input folder or file (not used by builtin)")
+    meta_path: str = _f("", "amazon: metadata JSONL (default: meta*.jsonl beside the reviews)")
+    catalog: str = _f("", "builtin: catalog JSONL (default: data/films.jsonl shipped with the project)")
+    columns: dict = _f({}, "generic: column mapping, e.g. {user_id: uid, item_id: iid, timestamp: ts, rating: r, title: name}")
+    items_path: str = _f("", "generic: optional items file with item_id/title/... columns")
+    max_users: int = _f(0, "keep at most this many users (0 = all)")
+    min_history: int = _f(3, "users with fewer interactions are dropped")
+    history_len: int = _f(10, "most recent items shown in a prompt")
+    max_prompt_tokens: int = _f(320, "prompt token budget; the oldest history items are dropped to fit")
+    cold_start_max: int = _f(5, "users with at most this many training interactions are marked cold-start")
+    split: str = _f("leave-last-out", "leave-last-out | temporal")
+    val_fraction: float = _f(0.1, "share of users held out for validation")
+    test_fraction: float = _f(0.2, "share of users held out for testing")
+    holdout: int = _f(1, "leave-last-out: most recent interactions held out per user")
+    mode: str = _f("generate", "generate: write K titles; rerank: pick K from candidates")
+    num_candidates: int = _f(20, "rerank: candidates per prompt")
+    retriever: str = _f("ease", "rerank: ease | itemknn | popularity | random")
+    k: int = _f(5, "items per listing")
+    positive_rating: float = _f(4.0, "ratings at or above count as positives (explicit feedback)")
+    # simulator (builtin)
+    num_users: int = _f(400, "builtin: simulated users")
+    interactions_per_user: int = _f(14, "builtin: mean history length")
+    impressions_per_user: int = _f(3, "builtin: click-log impressions per user")
+    sim_label_pairs: int = _f(400, "builtin: preference pairs from simulated labelers")
+    sim_noise: float = _f(1.0, "builtin: Bradley-Terry temperature of simulated labelers")
+    seed: int = _f(0, "data seed")
+
+    def __post_init__(self):
+        _choice("data.source", self.source, ("builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic"))
+        _choice("data.mode", self.mode, ("generate", "rerank"))
+        _choice("data.retriever", self.retriever, ("ease", "itemknn", "popularity", "random"))
+        _choice("data.split", self.split, ("leave-last-out", "temporal"))
+        if self.source != "builtin" and not self.path:
+            raise ConfigError(f"data.source={self.source} needs data.path (the folder or file to load)")
+        if self.k < 1:
+            raise ConfigError(f"data.k must be >= 1, got {self.k}")
+        if self.mode == "rerank" and self.num_candidates <= self.k:
+            raise ConfigError(f"data.num_candidates ({self.num_candidates}) must exceed data.k ({self.k}) in rerank mode")
+        if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("data.val_fraction and data.test_fraction must be in [0,1) and sum to < 1")
+        if self.source == "generic" and not {"user_id", "item_id"} <= set(self.columns or {"user_id": 1, "item_id": 1}):
+            raise ConfigError("data.columns must map at least user_id and item_id for the generic source")
+
+
+@dataclass
+class TrainCommon:
+    """Fields every trainer shares."""
+
+    learning_rate: float = _f(2e-4, "peak learning rate")
+    batch_size: int = _f(4, "per-device batch size")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    max_steps: int = _f(20, "optimiser steps (-1 = use epochs)")
+    epochs: float = _f(1.0, "epochs when max_steps is -1")
+    max_length: int = _f(384, "max tokens of prompt + completion")
+    logging_steps: int = _f(5, "log every N steps")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory (TRL turns it on by default; off here: "
+                                      "small models on CPU have memory to spare and it costs ~30% speed)")
+    max_train_examples: int = _f(0, "cap on training examples (0 = all)")
+
+    def _check_common(self, section: str):
+        if self.learning_rate <= 0:
+            raise ConfigError(f"{section}.learning_rate must be > 0")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError(f"{section}.batch_size and {section}.grad_accum must be >= 1")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"{section}.max_steps must be > 0, or -1 to train for {section}.epochs")
+
+
+@dataclass
+class SFTConfig(TrainCommon):
+    """SFT on prompt -> listing. Differs from TRL's SFTConfig: fp32 on CPU, LoRA lr 2e-4, completion-only loss."""
+
+    num_samples: int = _f(4, "held-out prompts generated before and after training")
+
+    def __post_init__(self):
+        self._check_common("sft")
+
+
+@dataclass
+class RewardConfig(TrainCommon):
+    """Reward model on preference pairs. Differs from TRL's RewardConfig: LoRA with the score head saved."""
+
+    sources: list = _f(["ratings", "clicks", "simulator", "labels"], "pair sources to train on")
+    balance: bool = _f(True, "cap every source at the size of the smallest non-empty one x balance_ratio")
+    balance_ratio: float = _f(3.0, "with balance: a source may have at most this many times the smallest")
+    val_fraction: float = _f(0.15, "share of pairs held out for accuracy")
+    center_rewards_coefficient: float = _f(0.01, "TRL's reward-centring term (0 = off)")
+    use_margin: bool = _f(False, "use the pair's margin field in the loss")
+    learning_rate: float = _f(3e-4, "peak learning rate")
+    max_length: int = _f(448, "max tokens of prompt + response")
+
+    def __post_init__(self):
+        self._check_common("reward")
+        bad = set(self.sources) - {"ratings", "clicks", "simulator", "labels"}
+        if bad:
+            raise ConfigError(f"reward.sources has unknown {sorted(bad)}; use ratings, clicks, simulator, labels")
+
+
+@dataclass
+class RuleWeights:
+    """Weights of the rule terms added to the learned reward."""
+
+    parses: float = _f(1.0, "listing parses at all")
+    has_k: float = _f(1.0, "listing has exactly K items")
+    in_catalog: float = _f(1.0, "share of items grounded in the catalog")
+    no_duplicates: float = _f(0.5, "penalty share of duplicate items")
+    not_in_history: float = _f(0.5, "penalty share of items the user already has")
+    in_candidates: float = _f(1.0, "rerank: share of items from the candidate set")
+    explained: float = _f(0.5, "share of items with an explanation tied to the history")
+
+
+@dataclass
+class PPOStageConfig:
+    """PPO against the composite reward. Differs from TRL's PPOConfig: fp32 on CPU, value model from the RM."""
+
+    learning_rate: float = _f(1e-4, "policy/value learning rate")
+    total_updates: int = _f(10, "PPO updates (each: generate a batch, score, optimise)")
+    batch_size: int = _f(8, "rollout batch per process")
+    mini_batches: int = _f(2, "mini-batches per PPO epoch")
+    ppo_epochs: int = _f(2, "optimisation passes over each batch")
+    response_length: int = _f(96, "max new tokens per response")
+    temperature: float = _f(0.8, "sampling temperature")
+    kl_coef: float = _f(0.05, "KL penalty coefficient")
+    kl_estimator: str = _f("k1", "k1 | k3")
+    missing_eos_penalty: float = _f(1.0, "subtracted from the score of responses that do not end")
+    cliprange: float = _f(0.2, "policy ratio clip")
+    cliprange_value: float = _f(0.2, "value clip")
+    vf_coef: float = _f(0.1, "value loss weight")
+    whiten_rewards: bool = _f(False, "whiten rewards per batch")
+    reward_model_weight: float = _f(1.0, "weight of the learned reward model's score")
+    rules: RuleWeights = field(default_factory=RuleWeights, metadata={"help": "rule-term weights"})
+    checkpoint_every: int = _f(2, "save a resumable checkpoint every N updates")
+    sample_every: int = _f(2, "log a table of sample completions every N updates")
+    max_prompts: int = _f(0, "cap on PPO prompts (0 = all)")
+    report_to: str = _f("none", "none | tensorboard")
+
+    def __post_init__(self):
+        if isinstance(self.rules, dict):
+            self.rules = _build(RuleWeights, self.rules, "ppo.rules")
+        _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        _choice("ppo.report_to", self.report_to, ("none", "tensorboard"))
+        if self.batch_size % self.mini_batches:
+            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})")
+        if self.total_updates < 1 or self.checkpoint_every < 1:
+            raise ConfigError("ppo.total_updates and ppo.checkpoint_every must be >= 1")
+        if self.kl_coef < 0:
+            raise ConfigError("ppo.kl_coef must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of stages and baselines."""
+
+    stages: list = _f(["base", "sft", "ppo"], "stages to evaluate (those not trained are skipped with a note)")
+    split: str = _f("test", "test | val")
+    max_users: int = _f(100, "held-out users evaluated (0 = all)")
+    batch_size: int = _f(16, "generation batch")
+    max_new_tokens: int = _f(128, "generation budget per listing")
+    do_sample: bool = _f(False, "sample (seeded) instead of greedy")
+    num_examples: int = _f(4, "users whose listings appear in the report")
+
+    def __post_init__(self):
+        _choice("eval.split", self.split, ("test", "val"))
+        bad = set(self.stages) - {"base", "sft", "ppo"}
+        if bad:
+            raise ConfigError(f"eval.stages has unknown {sorted(bad)}; use base, sft, ppo")
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "model": ModelConfig, "data": DataConfig, "sft": SFTConfig,
+    "reward": RewardConfig, "ppo": PPOStageConfig, "eval": EvalConfig,
+}
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp, where: str):
+    origin = typing.get_origin(tp) or tp
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if origin is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _build(tp, value, where)
+    expected = {int: int, float: float, str: str, bool: bool, list: list, dict: dict}.get(origin)
+    if expected is not None:
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"{where} expects {expected.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"section {where} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(f'{where}.{u}' for u in sorted(unknown))}; "
+                          f"known: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
+                default_section: str | None = None) -> Config:
+    """Recipe file + overrides -> validated Config. ``default_section`` qualifies bare ``field=value``."""
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p} must be a mapping of sections ({', '.join(SECTIONS)})")
+        unknown = set(raw) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    raw = {k: dict(v or {}) for k, v in raw.items()}
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] not in SECTIONS:
+            if default_section is None:
+                raise ConfigError(f"override {text!r}: unknown section {keys[0]!r}; known: {', '.join(SECTIONS)}")
+            keys = [default_section, *keys]
+        node = raw.setdefault(keys[0], {})
+        for k in keys[1:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    try:
+        return Config(**{name: _build(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()})
+    except TypeError as e:  # a nested value of the wrong shape
+        raise ConfigError(str(e)) from None
+
+
+def save_resolved(cfg: Config, run_dir: Path, sections: list[str]) -> Path:
+    """Merge the given sections of ``cfg`` into RUN_DIR/config.yaml (other stages' sections are kept)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    current = yaml.safe_load(target.read_text()) if target.exists() else {}
+    current = current or {}
+    full = cfg.to_dict()
+    for s in ["run", "model", *sections]:
+        current[s] = full[s]
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(current, sort_keys=False))
+    os.replace(tmp, target)
+    return target

