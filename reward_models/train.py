@@ -98,7 +98,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         output_dir=str(out / "trainer"), max_steps=rc.max_steps, num_train_epochs=rc.epochs,
         per_device_train_batch_size=rc.batch_size, gradient_accumulation_steps=rc.grad_accum,
         learning_rate=rc.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, rc.max_steps // 10),
-        logging_steps=rc.logging_steps, max_length=rc.max_length,
+        logging_steps=rc.logging_steps, logging_first_step=True, max_length=rc.max_length,
         center_rewards_coefficient=rc.center_rewards_coefficient or None, save_strategy="no", report_to="none",
         seed=cfg.run.seed, data_seed=cfg.run.seed, dataloader_num_workers=0, gradient_checkpointing=rc.gradient_checkpointing, **trainer_precision(mc),
     )

@@ -70,12 +70,12 @@ class Grounding:
 class Catalog:
     """An immutable set of items with fast title grounding."""
 
-    def __init__(self, items: list[Item], fuzzy_threshold: float = 88.0):
+    def __init__(self, items: list[Item], fuzzy_threshold: float = 88.0, fuzzy_with_year: float = 80.0):
         self.items = list(items)
         self.by_id = {it.item_id: it for it in self.items}
         if len(self.by_id) != len(self.items):
             raise ValueError("catalog has duplicate item_id values")
-        self.fuzzy_threshold = fuzzy_threshold
+        self.fuzzy_threshold, self.fuzzy_with_year = fuzzy_threshold, fuzzy_with_year
         self._exact: dict[str, str] = {}
         self._norm: dict[str, list[str]] = {}
         for it in self.items:
@@ -108,10 +108,15 @@ class Catalog:
             return Grounding(self._pick_year(ids, year), "normalised", 100.0)
         if not key or not self._norm_keys:
             return Grounding(None, "none", 0.0)
-        best = process.extractOne(key, self._norm_keys, scorer=fuzz.ratio)
-        if best and best[1] >= self.fuzzy_threshold:
-            return Grounding(self._pick_year(self._norm[best[0]], year), "fuzzy", float(best[1]))
-        return Grounding(None, "none", float(best[1]) if best else 0.0)
+        best_score = 0.0
+        for cand, score, _ in process.extract(key, self._norm_keys, scorer=fuzz.ratio, limit=3):
+            best_score = max(best_score, score)
+            ids = self._norm[cand]
+            # a typo in a short title costs many points; a matching year is evidence enough for 80+
+            year_ok = year is not None and any(self.by_id[i].year == year for i in ids)
+            if score >= self.fuzzy_threshold or (year_ok and score >= self.fuzzy_with_year):
+                return Grounding(self._pick_year(ids, year), "fuzzy", float(score))
+        return Grounding(None, "none", float(best_score))
 
     def _pick_year(self, ids: list[str], year: int | None) -> str:
         if year is not None:

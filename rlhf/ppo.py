@@ -274,7 +274,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     meta, catalog = run.meta(), run.catalog()
     out = run_dir / "ppo"
     ckpt_root = out / "checkpoints"
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     resume_from = latest_checkpoint(ckpt_root) if resume else None
     if resume and resume_from is None:
         print(f"ppo: --resume found no complete checkpoint under {ckpt_root}; starting from update 0")
@@ -346,8 +346,15 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
-    if not trainer.accelerator.is_main_process:
+    acc = trainer.accelerator
+    (out / f"rank-{acc.process_index}.json").write_text(json.dumps({"rank": acc.process_index, "pid": os.getpid()}))
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
         return {}
+    rank_files = sorted(out.glob("rank-*.json"))
+    (out / "ranks.json").write_text(json.dumps([json.loads(f.read_text())["rank"] for f in rank_files]))
+    for f in rank_files:
+        f.unlink()
     policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
     policy_model.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")

@@ -77,7 +77,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         output_dir=str(out / "trainer"), max_steps=sc.max_steps, num_train_epochs=sc.epochs,
         per_device_train_batch_size=sc.batch_size, gradient_accumulation_steps=sc.grad_accum,
         learning_rate=sc.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, sc.max_steps // 10),
-        logging_steps=sc.logging_steps, max_length=sc.max_length, completion_only_loss=True,
+        logging_steps=sc.logging_steps, logging_first_step=True, max_length=sc.max_length, completion_only_loss=True,
         save_strategy="no", report_to="none", seed=cfg.run.seed, data_seed=cfg.run.seed,
         dataloader_num_workers=0, gradient_checkpointing=sc.gradient_checkpointing, **trainer_precision(mc),
     )

@@ -1,0 +1,48 @@
+import pytest
+
+from rlhf.catalog import Catalog
+from rlhf.listing import parse, parse_and_ground, render
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return Catalog.builtin()
+
+
+def test_render_parse_round_trip(catalog):
+    titles = ["The Matrix (1999)", "Dune: Part Two (2024)", "Se7en (1995)"]
+    why = ["sci-fi like Inception", "epic like Dune, which you rated 5/5", "dark crime: like Zodiac"]
+    text = render(titles, why)
+    assert text.splitlines()[1] == "2. Dune: Part Two (2024) — epic like Dune, which you rated 5/5"
+    entries = parse_and_ground(text, catalog)
+    assert [e.title for e in entries] == titles
+    assert [e.explanation for e in entries] == why
+    assert all(e.in_catalog for e in entries)
+
+
+def test_parse_is_forgiving():
+    text = ("Sure! Here are my picks:\n\n1) **Alien** - horror in space\n"
+            "- Heat: a crime epic\n* Inception\n2.   Fargo (1996)—dark comedy\nEnjoy!")
+    entries = parse(text)
+    assert [(e.rank, e.title, e.explanation) for e in entries] == [
+        (1, "Alien", "horror in space"), (2, "Heat", "a crime epic"), (3, "Inception", ""), (4, "Fargo (1996)", "dark comedy")]
+
+
+@pytest.mark.parametrize("text", ["", "I cannot help with that.", "1.", "\n\n\n", "—" * 500, "1. " + "a" * 20000])
+def test_adversarial_outputs_do_not_crash(catalog, text):
+    entries = parse_and_ground(text, catalog)
+    assert all(not e.in_catalog for e in entries)
+
+
+def test_grounding_exact_normalised_fuzzy_none(catalog):
+    assert catalog.ground("The Matrix").method == "exact"
+    assert catalog.ground("Matrix, The (1999)").method == "normalised"
+    assert catalog.ground("the  matrix!!").method == "normalised"
+    fz = catalog.ground("The Matirx (1999)")
+    assert fz.method == "fuzzy" and catalog[fz.item_id].title == "The Matrix"
+    assert catalog.ground("A Film That Does Not Exist (2031)").item_id is None
+    assert catalog.ground("").item_id is None
+    # remakes: the year picks the right one when titles collide
+    cat = Catalog.from_records([{"item_id": "a", "title": "Dune", "attributes": {"year": 1984}},
+                                {"item_id": "b", "title": "Dune", "attributes": {"year": 2021}}])
+    assert cat.ground("Dune (2021)").item_id == "b" and cat.ground("Dune (1984)").item_id == "a"

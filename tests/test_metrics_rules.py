@@ -1,0 +1,73 @@
+import math
+
+import pytest
+
+from reward_models.rules import explanation_tied, rule_terms, weighted_sum
+from rlhf import metrics as M
+from rlhf.catalog import Catalog
+from rlhf.config import RuleWeights
+from rlhf.listing import parse_and_ground
+
+
+def test_accuracy_metrics_by_hand():
+    rel = {"b"}
+    assert M.hit_rate(["a", "b", "c"], rel, 2) == 1.0 and M.hit_rate(["a", "b", "c"], rel, 1) == 0.0
+    assert M.ndcg(["a", "b", "c"], rel, 3) == pytest.approx(1 / math.log2(3))
+    assert M.ndcg(["b"], rel, 3) == 1.0
+    assert M.recall(["b", "x"], {"b", "c"}, 2) == 0.5
+    # duplicates count once: the second "b" earns nothing
+    assert M.ndcg(["a", "a", "b"], {"a", "b"}, 3) == pytest.approx((1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3)))
+    assert M.recall(["b", "b"], {"b", "c"}, 2) == 0.5
+    # empty lists and unknown entries
+    for f in (M.hit_rate, M.ndcg, M.recall):
+        assert f([], rel, 5) == 0.0 and f([None, None], rel, 5) == 0.0
+    assert M.ndcg(["b"], set(), 3) == 0.0
+
+
+def test_beyond_accuracy_by_hand():
+    assert M.duplicate_rate(["a", "a", None, "b"]) == 0.25
+    assert M.novelty(["a"], {"a": 3}, 7) == pytest.approx(-math.log2(4 / 8))
+    feats = {"a": {"x"}, "b": {"x"}, "c": {"y"}}
+    assert M.intra_list_diversity(["a", "b"], feats) == 0.0
+    assert M.intra_list_diversity(["a", "c"], feats) == 1.0
+    assert M.intra_list_diversity(["a", "b", "c"], feats) == pytest.approx(2 / 3)
+    assert M.intra_list_diversity(["a"], feats) == 0.0
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return Catalog.builtin()
+
+
+def _ids(catalog, *titles):
+    return [catalog.ground(t).item_id for t in titles]
+
+
+def test_rule_terms_on_crafted_listings(catalog):
+    history = _ids(catalog, "Alien", "The Thing")
+    good = parse_and_ground("1. Aliens (1986) — sci-fi horror like Alien\n2. Predator (1987) — like The Thing\n"
+                            "3. Halloween (1978) — horror like Alien", catalog)
+    t = rule_terms(good, 3, history, catalog)
+    assert t == {"parses": 1.0, "has_k": 1.0, "in_catalog": 1.0, "no_duplicates": 0.0, "not_in_history": 0.0,
+                 "in_candidates": 0.0, "explained": 1.0}
+    bad = parse_and_ground("1. Alien (1979) — great\n2. Aliens (1986) — \n3. Aliens (1986) — again\n"
+                           "4. Blorp Zorp (2030) — horror", catalog)
+    t = rule_terms(bad, 3, history, catalog)
+    assert t["has_k"] == pytest.approx(2 / 3)
+    assert t["in_catalog"] == 0.75
+    assert t["no_duplicates"] == -0.25 and t["not_in_history"] == -0.25
+    assert t["explained"] == 0.25  # only "horror" ties to the history's genres
+    assert rule_terms([], 3, history, catalog)["parses"] == 0.0
+    cands = _ids(catalog, "Aliens", "Predator")
+    t = rule_terms(good, 3, history, catalog, candidate_ids=cands)
+    assert t["in_candidates"] == pytest.approx(-1 / 3)
+    assert weighted_sum(rule_terms(good, 3, history, catalog), RuleWeights()) > weighted_sum(
+        rule_terms(bad, 3, history, catalog), RuleWeights())
+
+
+def test_explanation_tie(catalog):
+    h = _ids(catalog, "Heat")
+    assert explanation_tied("a crime epic like Heat", h, catalog)
+    assert explanation_tied("more crime", h, catalog)
+    assert not explanation_tied("you will love it", h, catalog)
+    assert not explanation_tied("", h, catalog)

@@ -1,0 +1,233 @@
+"""Every stage for real on the tiny model: SFT, reward, PPO (+ resume), eval, recommend, pipeline."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, read_jsonl, rlhf
+
+
+def test_sft_trains_and_artifacts_load(tiny_sft):
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    out = tiny_sft / "sft"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert metrics["last_loss"] < metrics["first_loss"]
+    assert PeftConfig.from_pretrained(out / "adapter").r == 8
+    model = AutoModelForCausalLM.from_pretrained(out / "merged")
+    assert model.config.num_hidden_layers == 2
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 2 and {"before", "after", "target"} <= set(samples[0])
+
+
+def test_reward_model_trains_and_reports_accuracy_per_source(tiny_reward):
+    from reward_models.train import load_reward_model
+
+    metrics = json.loads((tiny_reward / "reward" / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    assert 0.0 <= metrics["val_accuracy"] <= 1.0
+    assert set(metrics["val_by_source"]) <= {"ratings", "clicks", "simulator"} and metrics["val_by_source"]
+    assert sum(metrics["pairs"]["read"].values()) > 0
+    model = load_reward_model(tiny_reward / "reward" / "model")
+    assert model.config.num_labels == 1
+    log = read_jsonl(tiny_reward / "reward" / "log.jsonl")
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses and all(l == l for l in losses)  # finite
+
+
+def test_pairs_dedupe_balance_and_split():
+    from reward_models.pairs import balance, split_by_user
+
+    rows = [{"source": "a", "user_id": f"u{i}"} for i in range(10)] + [{"source": "b", "user_id": f"u{i}"} for i in range(2)]
+    bal = balance(rows, 2.0, seed=0)
+    assert sum(r["source"] == "a" for r in bal) == 4 and sum(r["source"] == "b" for r in bal) == 2
+    train, val = split_by_user(rows, 0.3, seed=0)
+    assert {r["user_id"] for r in train}.isdisjoint({r["user_id"] for r in val}) and val
+
+
+def test_composite_reward_through_trl_get_reward(tiny_reward):
+    """The composite answers TRL's get_reward exactly as it scores texts, and its rule terms move the score."""
+    from trl.experimental.utils import get_reward
+
+    from reward_models.composite import CompositeReward, PromptContext
+    from reward_models.encoding import prompt_ids, response_ids
+    from reward_models.train import load_reward_model
+    from rlhf.config import RuleWeights
+    from rlhf.models import load_tokenizer
+    from rlhf.runs import RunDir
+
+    run = RunDir(tiny_reward)
+    tok = load_tokenizer(str(tiny_reward / "reward" / "model"))
+    rm = load_reward_model(tiny_reward / "reward" / "model")
+    catalog = run.catalog()
+    comp = CompositeReward(rm, tok, catalog, 3, RuleWeights())
+    row = run.rows("prompts/train.parquet")[0]
+    good = "1. Heat (1995) — crime like Heat\n2. Fargo (1996) — crime\n3. Zodiac (2007) — crime"
+    bad = "1. Nothing Real (2099) — hm\n2. Nothing Real (2099) — hm"
+    ctx = PromptContext(row["history_ids"], [], row["user_id"])
+    q = prompt_ids(tok, row["prompt"])
+    comp.register(q, row["history_ids"], [], row["user_id"])
+    seqs = [q + response_ids(tok, good), q + response_ids(tok, bad)]
+    width = max(map(len, seqs))
+    # TRL's layout: left-padded query, right-padded response
+    ids = torch.full((2, width), tok.pad_token_id)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(s)
+    _, scores, _ = get_reward(comp, ids, tok.pad_token_id, len(q))
+    by_text = comp.score_texts([row["prompt"]] * 2, [good, bad], [ctx, ctx])
+    assert scores[0].item() == pytest.approx(by_text[0]["reward"], abs=1e-3)
+    assert scores[1].item() == pytest.approx(by_text[1]["reward"], abs=1e-3)
+    assert by_text[0]["in_catalog"] == 1.0 and by_text[1]["in_catalog"] == 0.0
+    rules = [d["reward"] - d["learned"] for d in by_text]
+    assert rules[0] - rules[1] >= 1.0 + 1 / 3 - 1e-6  # in_catalog (1 vs 0) and has_k (1 vs 2/3), weight 1 each
+    assert comp.last_terms["has_k"] == pytest.approx((1.0 + 2 / 3) / 2)
+
+
+def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
+    out = tiny_ppo / "ppo"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["update"] for r in rows] == [1, 2]
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
+                "policy/clipfrac_avg", "time/generation_s", "time/scoring_s", "time/optimisation_s",
+                "reward/in_catalog", "reward/has_k", "reward/learned", "reward/true_utility"):
+        assert key in rows[0], key
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["update-000001", "update-000002"]
+    samples = read_jsonl(out / "samples.jsonl")
+    assert samples and "reward" in samples[0]
+
+
+def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_reward, run, ignore=shutil.ignore_patterns("ppo", "eval"))
+    args = [sys.executable, "-m", "rlhf", "ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=5",
+            "ppo.checkpoint_every=2"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = run / "ppo" / "checkpoints" / "update-000002" / "state.json"
+    deadline = time.time() + 400
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-run: update 3 is in flight or about to be
+    proc.wait()
+    assert not (run / "ppo" / "adapter").exists()
+    rlhf("ppo", "--run", run, "--config", TINY, "ppo.total_updates=5", "ppo.checkpoint_every=2", "--resume")
+    rows = read_jsonl(run / "ppo" / "metrics.jsonl")
+    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5]  # nothing lost past the checkpoint, nothing twice
+    state = json.loads((run / "ppo" / "checkpoints" / "update-000005" / "state.json").read_text())
+    assert state["update"] == 5
+    assert (run / "ppo" / "adapter" / "adapter_config.json").exists()
+    # the learning-rate schedule continued instead of restarting: it decays to 0 at update 5 of 5
+    assert rows[-1]["lr"] < rows[2]["lr"] < rows[0]["lr"]
+    again = rlhf("ppo", "--run", run, "--config", TINY, "ppo.total_updates=5", "--resume")
+    assert "already done" in again.stdout
+
+
+def test_eval_writes_metrics_report_and_plots(tiny_ppo):
+    rlhf("eval", "--run", tiny_ppo, "--config", TINY)
+    out = tiny_ppo / "eval"
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m) >= {"k", "mode", "stages", "baselines", "cold_start", "notes"}
+    assert set(m["stages"]) == {"base", "sft", "ppo"}
+    assert set(m["baselines"]) == {"popularity", "itemknn", "ease"}
+    for name in ("hr@3", "ndcg@3", "recall@3", "hr@1", "valid_rate", "grounded_rate", "duplicate_rate",
+                 "history_repeat_rate", "coverage", "novelty", "diversity", "popularity_bias", "true_utility",
+                 "sim_ctr", "faithfulness", "explanation_words", "reward/reward", "reward/learned", "kl_to_sft"):
+        assert name in m["stages"]["ppo"], name
+    assert m["baselines"]["ease"]["valid_rate"] == 1.0
+    assert m["stages"]["ppo"]["kl_to_sft"] is not None
+    html = (out / "report.html").read_text()
+    for section in ("<h2>Metrics</h2>", "<h2>Plots</h2>", "<h2>Example listings</h2>", "ease (baseline)", "ppo (LLM)"):
+        assert section in html
+    assert (out / "plots" / "ppo_curves.png").stat().st_size > 1000
+    assert "| ease (baseline) |" in (out / "report.md").read_text()
+
+
+def test_recommend_plain_constrained_and_bad_input(tiny_ppo):
+    proc = rlhf("recommend", "--run", tiny_ppo, "--config", TINY, "--stage", "sft", "--history",
+                "The Matrix; Alien (1979)", "--json", "--max-new-tokens", "24")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(out) == {"prompt", "text", "items"}
+    assert "The Matrix (1999)" in out["prompt"][1]["content"]
+    proc = rlhf("recommend", "--run", tiny_ppo, "--config", TINY, "--history", "The Matrix; Heat", "--constrained",
+                "--json", "--max-new-tokens", "60")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    titled = [it for it in out["items"] if it["title"]]
+    # every title the constrained model started is a real catalog title
+    assert all(it["in_catalog"] for it in titled), out["text"]
+    bad = rlhf("recommend", "--run", tiny_ppo, "--config", TINY, "--history", "Blorp the Movie", check=False)
+    assert bad.returncode == 1 and "not in the catalog: 'Blorp the Movie'" in bad.stderr
+
+
+def test_constrained_decoding_forces_catalog_titles():
+    """A random model that would write noise writes only catalog titles after each list marker."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+
+    from rlhf.catalog import Catalog
+    from rlhf.constrained import CatalogTitleProcessor, TitleTrie
+    from rlhf.listing import parse_and_ground
+    from rlhf.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer("tiny")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny"))
+    catalog = Catalog.builtin()
+    trie = TitleTrie.from_catalog(catalog, tok)
+    prefix = tok("1.", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prefix])
+    proc = CatalogTitleProcessor(trie, tok, prompt_length=0)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                         logits_processor=LogitsProcessorList([proc]), pad_token_id=tok.pad_token_id)
+    text = tok.decode(out[0], skip_special_tokens=True)
+    entries = parse_and_ground(text, catalog)
+    assert entries and entries[0].in_catalog, text
+
+
+def test_multi_cpu_launch_two_ranks(tiny_data, tmp_path):
+    """`accelerate launch --config_file accelerate_configs/multi_cpu.yaml` starts 2 real ranks (gloo)."""
+    if shutil.which("mpirun") is None:
+        pytest.fail("Open MPI is missing: `make test` installs openmpi-bin (apt-get); install it to run this test")
+    run = tmp_path / "run"
+    shutil.copytree(tiny_data, run)
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
+           "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
+    accel = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
+             "accelerate_configs/multi_cpu.yaml", "-m", "rlhf"]
+    proc = subprocess.run(accel + ["sft", "--run", str(run), "--config", TINY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run(accel + ["reward", "--run", str(run), "--config", TINY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run(accel + ["ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_jsonl(run / "ppo" / "metrics.jsonl")
+    assert [r["update"] for r in rows] == [1, 2]
+    # each update's rollout batch spans both ranks: 2 processes x 4 prompts
+    assert rows[0]["episode"] == 8
+    ranks = json.loads((run / "ppo" / "ranks.json").read_text())
+    assert sorted(ranks) == [0, 1]
+
+
+def test_pipeline_skips_finished_stages(tiny_ppo, tmp_path):
+    from rlhf.pipeline import plan
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ppo, run)
+    assert [s for s, done in plan(run)] == ["data", "sft", "reward", "ppo", "eval"]
+    assert all(done for _, done in plan(run))
+    shutil.rmtree(run / "eval")
+    proc = rlhf("pipeline", "--config", TINY, "--run", run)
+    assert "[2/5] sft: already complete" in proc.stdout and "[5/5] eval: running" in proc.stdout
+    assert "[4/5] ppo: already complete" in proc.stdout
+    assert (run / "eval" / "report.html").exists()
+    assert json.loads((run / "pipeline.json").read_text())["stage_seconds"].keys() == {"eval"}
