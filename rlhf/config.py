@@ -153,6 +153,7 @@ class SFTConfig(TrainCommon):
     """SFT on prompt -> listing. Differs from TRL's SFTConfig: fp32 on CPU, LoRA lr 2e-4, completion-only loss."""
 
     num_samples: int = _f(4, "held-out prompts generated before and after training")
+    sample_max_new_tokens: int = _f(128, "generation budget of those samples")
 
     def __post_init__(self):
         self._check_common("sft")
@@ -221,6 +222,11 @@ class PPOStageConfig:
             self.rules = _build(RuleWeights, self.rules, "ppo.rules")
         _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k3"))
         _choice("ppo.report_to", self.report_to, ("none", "tensorboard"))
+        if self.report_to == "tensorboard":
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("ppo.report_to=tensorboard needs the tensorboard package: pip install tensorboard")
         if self.batch_size % self.mini_batches:
             raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})")
         if self.total_updates < 1 or self.checkpoint_every < 1:

@@ -73,18 +73,19 @@ def _recent(events, n):
 
 
 def build_sft(ctx: _Context, users: list[UserSplit]) -> list[dict]:
-    """Prompt = a training user's earlier history; target = their later positives, best first, filled
-    with the retriever's picks (or, in rerank mode, the remaining candidates) up to K."""
+    """Prompt = a training user's earlier history; target = the best-rated positives among their next 2K
+    interactions, filled with the retriever's picks (or, in rerank mode, the remaining candidates) up to
+    K only when there are too few. A wide window keeps targets personal rather than retriever-popular."""
     k, rows = ctx.cfg.k, []
     for u in users:
         if len(u.history) < k + 2:
             continue
-        prefix, future = u.history[:-k], u.history[-k:]
+        window = min(2 * k, len(u.history) - 2)
+        prefix, future = u.history[:-window], u.history[-window:]
         pos = sorted([e for e in future if is_positive(e.rating, ctx.cfg.positive_rating)],
                      key=lambda e: -(0 if math.isnan(e.rating) else e.rating))
-        target = list(dict.fromkeys(e.item_id for e in pos))
         seen = {e.item_id for e in prefix}
-        target = [t for t in target if t not in seen]
+        target = [t for t in dict.fromkeys(e.item_id for e in pos) if t not in seen][:k]
         shown = _recent(prefix, ctx.cfg.history_len)
         cands = ctx.candidates([e.item_id for e in prefix], target)
         fill = ctx.retriever.recommend([e.item_id for e in prefix], k, exclude=target, candidates=cands)

@@ -70,7 +70,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         rows = rows[: sc.max_train_examples]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     sample_rows = (val_rows or rows)[: sc.num_samples]
-    gen_tokens = sc.max_length // 2
+    gen_tokens = sc.sample_max_new_tokens
     before_texts, before = _samples(model, tokenizer, sample_rows, catalog, meta["k"], gen_tokens)
 
     args = SFTConfig(
