@@ -54,6 +54,7 @@ class CompositeReward(nn.Module):
         self.header = tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
         self.contexts: dict[tuple, PromptContext] = {}
         self.last_terms: dict[str, float] = {}
+        self.last_samples: list[dict] = []  # the last batch's decoded responses with their reward parts
         for p in self.rm.parameters():
             p.requires_grad_(False)
 
@@ -91,7 +92,7 @@ class CompositeReward(nn.Module):
     def per_position_reward(self, input_ids, attention_mask, position_ids):
         learned = self.learned(input_ids, attention_mask, position_ids)
         mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        rule_totals, all_terms, truths = [], [], []
+        rule_totals, all_terms, truths, texts = [], [], [], []
         for row, m in zip(input_ids.tolist(), mask.tolist()):
             ids = [t for t, keep in zip(row, m) if keep]
             prompt, response = self._split(ids)
@@ -99,6 +100,7 @@ class CompositeReward(nn.Module):
             if eos in response:
                 response = response[:response.index(eos)]
             text = self.tokenizer.decode(response, skip_special_tokens=True)
+            texts.append(text)
             terms, truth = self.terms_for(text, self.contexts.get(prompt))
             all_terms.append(terms)
             if truth is not None:
@@ -109,7 +111,12 @@ class CompositeReward(nn.Module):
         if truths:
             self.last_terms["true_utility"] = sum(truths) / len(truths)
         rules = torch.tensor(rule_totals, dtype=torch.float32, device=learned.device).view(-1, 1, 1)
-        return self.rm_weight * learned + rules
+        total = self.rm_weight * learned + rules
+        # where TRL reads the reward: the last real token (queries are left-padded, responses right-padded)
+        last = (mask.shape[1] - 1 - mask.flip(1).float().argmax(1)).tolist()
+        self.last_samples = [{"text": t, "reward": float(total[r, last[r], 0]), "learned": float(learned[r, last[r], 0]),
+                              **terms} for r, (t, terms) in enumerate(zip(texts, all_terms))]
+        return total
 
     @torch.no_grad()
     def score_texts(self, prompts: list[list[dict]], texts: list[str], contexts: list[PromptContext],

@@ -65,7 +65,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from rlhf.models import load_tokenizer, lora_config, resolve_model
+    from rlhf.models import load_tokenizer, lora_config, resolve_model, truncate_layers
     from rlhf.sft import trainer_precision
 
     run = RunDir(run_dir)
@@ -83,7 +83,11 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     save_resolved(cfg, run_dir, ["reward"])
     torch.manual_seed(cfg.run.seed)
 
-    base_path = resolve_model(mc.name)
+    sft_merged = run_dir / "sft" / "merged"
+    if rc.init == "sft" and not sft_merged.exists():
+        run.require("sft", sft_merged)
+    # the SFT model already reads these prompts; a reward head on it learns faster than on the base
+    base_path = str(sft_merged) if rc.init == "sft" or (rc.init == "auto" and sft_merged.exists()) else resolve_model(mc.name)
     tokenizer = load_tokenizer(base_path)
     train_ex, long_train = _tokenized(train_rows, tokenizer, rc.max_length, rc.use_margin)
     val_ex, long_val = _tokenized(val_rows, tokenizer, rc.max_length, rc.use_margin)
@@ -92,7 +96,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     if not train_ex:
         raise ValueError(f"every training pair is longer than reward.max_length={rc.max_length}; raise it")
 
-    model = load_reward_model(base_path, mc.dtype)
+    model = truncate_layers(load_reward_model(base_path, mc.dtype), rc.layers)
     model.config.pad_token_id = tokenizer.pad_token_id
     args = TRLRewardConfig(
         output_dir=str(out / "trainer"), max_steps=rc.max_steps, num_train_epochs=rc.epochs,
@@ -123,8 +127,8 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     tokenizer.save_pretrained(out / "model")
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)
-    train_acc = pairwise_accuracy(trained, tokenizer, train_ex[:200])
-    metrics = {"steps": trainer.state.global_step, "seconds": round(seconds, 1),
+    train_acc = pairwise_accuracy(trained, tokenizer, train_ex[: rc.accuracy_on_train])
+    metrics = {"steps": trainer.state.global_step, "seconds": round(seconds, 1), "init": base_path,
                "pairs": {"read": report["read"], "dropped": report["dropped"], "train": len(train_ex),
                          "val": len(val_ex), "too_long": long_train + long_val},
                "val_accuracy": acc["overall"], "val_by_source": acc["by_source"],

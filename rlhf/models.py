@@ -196,3 +196,16 @@ def lora_config(model_cfg, task_type: str = "CAUSAL_LM"):
         task_type=task_type,
         modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
     )
+
+
+def truncate_layers(model, keep: int):
+    """Keep the first ``keep`` decoder layers (0 = all). The final norm and score head stay."""
+    backbone = getattr(model, model.base_model_prefix)
+    layers = getattr(backbone, "layers", None)
+    if not keep or layers is None or keep >= len(layers):
+        return model
+    backbone.layers = layers[:keep]
+    model.config.num_hidden_layers = keep
+    if hasattr(model.config, "layer_types") and model.config.layer_types:
+        model.config.layer_types = model.config.layer_types[:keep]
+    return model

@@ -143,9 +143,12 @@ def _trainer_class():
             self._terms: list[dict] = []
             original_per_position = composite.per_position_reward
 
+            self._samples: list[dict] = []
+
             def recorded(*ra, **rk):
                 out = original_per_position(*ra, **rk)
                 self._terms.append(dict(composite.last_terms))
+                self._samples.extend(composite.last_samples)
                 return out
 
             composite.per_position_reward = recorded
@@ -172,7 +175,12 @@ def _trainer_class():
                 if self._terms:
                     for name in self._terms[0]:
                         logs[f"reward/{name}"] = float(np.mean([t[name] for t in self._terms]))
-                logs["update"] = self.update_offset + self.state.global_step
+                logs["update"] = update = self.update_offset + self.state.global_step
+                if self.accelerator.is_main_process and update % self.stage_cfg.sample_every == 0:
+                    with open(self.run_dir / "ppo" / "rollouts.jsonl", "a") as f:  # read these: metrics hide hacking
+                        for sample in self._samples[:4]:
+                            f.write(json.dumps({"update": update, **sample}) + "\n")
+                self._samples = []
                 if self.accelerator.is_main_process:
                     with open(self.run_dir / "ppo" / "metrics.jsonl", "a") as f:
                         f.write(json.dumps({k: (v.item() if hasattr(v, "item") else v)
@@ -264,7 +272,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     from reward_models.composite import CompositeReward
     from reward_models.train import load_reward_model
-    from rlhf.models import load_causal_lm, load_tokenizer, lora_config
+    from rlhf.models import load_causal_lm, load_tokenizer, lora_config, truncate_layers
     from rlhf.sft import trainer_precision
 
     run = RunDir(run_dir)
@@ -285,11 +293,11 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir, ["ppo"])
-        if resume_from:  # metrics logged after the checkpoint belong to lost work
-            mpath = out / "metrics.jsonl"
-            if mpath.exists():
-                kept = [l for l in mpath.read_text().splitlines() if l.strip() and json.loads(l).get("update", 0) <= done]
-                mpath.write_text("".join(l + "\n" for l in kept))
+        if resume_from:  # lines logged after the checkpoint belong to lost work
+            for mpath in (out / "metrics.jsonl", out / "rollouts.jsonl"):
+                if mpath.exists():
+                    kept = [l for l in mpath.read_text().splitlines() if l.strip() and json.loads(l).get("update", 0) <= done]
+                    mpath.write_text("".join(l + "\n" for l in kept))
     state.wait_for_everyone()
     if done >= pc.total_updates:
         print(f"ppo: {done} of {pc.total_updates} updates already done")
@@ -305,7 +313,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     reward_model = load_reward_model(rm_path, mc.dtype)
     reward_model.config.pad_token_id = tokenizer.pad_token_id
-    value_model = load_reward_model(rm_path, mc.dtype)
+    value_model = truncate_layers(load_reward_model(rm_path, mc.dtype), pc.value_layers)
     value_model.config.pad_token_id = tokenizer.pad_token_id
     if mc.use_lora:
         value_model = get_peft_model(value_model, lora_config(mc, task_type="SEQ_CLS"))

@@ -216,15 +216,24 @@ def build_sim_pairs(ctx: _Context, sim, users: list[UserSplit], n_pairs: int, no
     return rows
 
 
-def _filter_users(seqs: dict, cfg, skips: SkipLog, rng) -> dict:
-    kept = {u: s for u, s in seqs.items() if len(s) >= cfg.min_history}
-    dropped = len(seqs) - len(kept)
+def _filter_users(table: pa.Table, cfg, skips: SkipLog, rng) -> pa.Table:
+    """Keep users with at least data.min_history consumption events (and at most data.max_users of them),
+    working on Arrow columns so no per-row Python objects exist before the table is small."""
+    import pyarrow.compute as pc
+
+    from rlhf.splits import CONSUMPTION
+
+    consumed = table.filter(pc.is_in(table.column("event"), pa.array(CONSUMPTION)))
+    counts = consumed.group_by("user_id").aggregate([("item_id", "count")])
+    users = counts.column("user_id").to_numpy(zero_copy_only=False)
+    n = counts.column("item_id_count").to_numpy()
+    keep = np.sort(users[n >= cfg.min_history])
+    dropped = len(users) - len(keep)
     if dropped:
-        skips.counts["users_below_min_history"] += dropped
-    if cfg.max_users and len(kept) > cfg.max_users:
-        chosen = sorted(rng.choice(sorted(kept), size=cfg.max_users, replace=False))
-        kept = {u: kept[u] for u in chosen}
-    return kept
+        skips.counts["users_below_min_history"] += int(dropped)
+    if cfg.max_users and len(keep) > cfg.max_users:
+        keep = np.sort(rng.choice(keep, size=cfg.max_users, replace=False))
+    return table.filter(pc.is_in(table.column("user_id"), pa.array(keep.tolist(), pa.string())))
 
 
 def prepare(cfg, model_name: str, run_dir: Path) -> dict:
@@ -236,7 +245,9 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
     rng = np.random.default_rng(cfg.seed)
     skips = SkipLog()
     catalog, table = load_source(cfg, skips)
-    seqs = _filter_users(sequences(table), cfg, skips, rng)
+    rows_read = table.num_rows
+    table = _filter_users(table, cfg, skips, rng)
+    seqs = sequences(table)
     if not seqs:
         from rlhf.interactions import DataError
 
@@ -252,8 +263,7 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
     by_role = {r: [u for u in splits if u.split == r] for r in ("train", "val", "test")}
 
     catalog.save_jsonl(data_dir / "catalog.jsonl")
-    kept_users = pa.array(np.isin(table.column("user_id").to_numpy(zero_copy_only=False), list(seqs)))
-    pq.write_table(table.filter(kept_users), data_dir / "interactions.parquet")
+    pq.write_table(table, data_dir / "interactions.parquet")
     with open(data_dir / "splits.jsonl", "w") as f:
         for u in splits:
             f.write(json.dumps({"user_id": u.user_id, "split": u.split, "cold_start": u.cold_start,
@@ -282,7 +292,7 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
             "tokenizer": model_name, "max_prompt_tokens": builder.max_prompt_tokens}
     (data_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     summary = {
-        "users": len(seqs), "items": len(catalog), "interactions": int(table.num_rows),
+        "users": len(seqs), "items": len(catalog), "interactions": int(table.num_rows), "interactions_read": int(rows_read),
         "users_by_split": {r: len(v) for r, v in by_role.items()},
         "cold_start_users": sum(u.cold_start for u in splits), "rows": counts, "skipped": skips.to_dict(),
     }

@@ -139,7 +139,7 @@ def write_report(run_dir: Path, results: dict, ctx, examples: dict[str, list[str
         h.append(f"<h3>User {e(str(row['user_id']))}</h3><p><b>History:</b> {e(hist)}</p><div class='ex'>")
         for stage, texts in examples.items():
             if j < len(texts):
-                h.append(f"<div><b>{e(stage)}</b><pre>{e(texts[j])}</pre></div>")
+                h.append(f"<div><b>{e(stage)}</b><pre>{e(texts[j]) or '(empty output)'}</pre></div>")
         h.append("</div>")
     if results.get("notes"):
         h.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in results["notes"]) + "</ul>")

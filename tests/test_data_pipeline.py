@@ -110,3 +110,33 @@ def test_baselines_on_a_tiny_matrix():
     assert ease.recommend(["y"], 1) == ["x"]
     assert "y" not in ease.recommend(["y"], 3)  # history is excluded
     assert set(ease.recommend(["y"], 3, candidates=["z", "w"])) <= {"z", "w"}
+
+
+def test_rerank_mode_with_random_candidates(tmp_path):
+    """LLaRA / S-DPO protocol: the held-out item plus random items the user never touched, shuffled."""
+    from conftest import TINY, rlhf
+
+    run = tmp_path / "run"
+    rlhf("data", "prepare", "--out", run, "--config", TINY, "--mode", "rerank", "--retriever", "random",
+         "--num-candidates", "8")
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["mode"] == "rerank" and meta["retriever"] == "random"
+    rows = pq.read_table(run / "data" / "prompts" / "test.parquet").to_pylist()
+    positions = set()
+    for r in rows:
+        cands = r["candidate_ids"]
+        assert len(cands) == 8 and len(set(cands)) == 8
+        assert set(r["heldout_ids"]) <= set(cands)
+        assert not set(cands) & set(r["history_ids"])
+        assert "<candidates>" in r["prompt"][1]["content"]
+        positions.add(cands.index(r["heldout_ids"][0]))
+    assert len(positions) > 2  # shuffled: the answer is not always in the same slot
+    sft = pq.read_table(run / "data" / "sft" / "train.parquet").to_pylist()
+    cat = Catalog.load_jsonl(run / "data" / "catalog.jsonl")
+    from rlhf.listing import parse_and_ground
+
+    for r in sft[:10]:
+        listed = [e.item_id for e in parse_and_ground(r["completion"][0]["content"], cat)]
+        offered = {cat.ground(l.split('"')[1]).item_id for l in r["prompt"][1]["content"].split("<candidates>")[1].splitlines()
+                   if l.startswith("- ")}
+        assert set(listed) <= offered

@@ -104,6 +104,9 @@ def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["update-000001", "update-000002"]
     samples = read_jsonl(out / "samples.jsonl")
     assert samples and "reward" in samples[0]
+    rollouts = read_jsonl(out / "rollouts.jsonl")  # sampled completions with their rewards, every sample_every updates
+    assert rollouts and {r["update"] for r in rollouts} == {2}
+    assert {"text", "reward", "learned", "in_catalog", "has_k"} <= set(rollouts[0])
 
 
 def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
