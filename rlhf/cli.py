@@ -98,19 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _flag_overrides(args) -> list[str]:
     """Map explicit flags onto config fields (they win over the recipe, as overrides do)."""
-    out = []
-    pairs = {"source": "data.source", "path": "data.path", "max_users": "data.max_users",
-             "min_history": "data.min_history", "mode": "data.mode", "num_candidates": "data.num_candidates",
-             "retriever": "data.retriever", "seed": "data.seed", "sources": "reward.sources", "split": "eval.split",
-             "stages": "eval.stages"}
-    for attr, key in pairs.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            out.append(f"{key}={v}")
-    if args.command == "data" and args.k is not None:
-        out.append(f"data.k={args.k}")
-    if args.command == "eval" and getattr(args, "max_users", None) is not None:
-        out = [o for o in out if not o.startswith("data.max_users")] + [f"eval.max_users={args.max_users}"]
+    section_of = {"data": "data", "eval": "eval"}.get(args.command)
+    fields = {"source": "data.source", "path": "data.path", "min_history": "data.min_history", "mode": "data.mode",
+              "num_candidates": "data.num_candidates", "retriever": "data.retriever", "seed": "data.seed",
+              "sources": "reward.sources", "split": "eval.split", "stages": "eval.stages"}
+    if section_of:  # --max-users means the data stage's cap or eval's, by command
+        fields["max_users"] = f"{section_of}.max_users"
+    if args.command == "data":
+        fields["k"] = "data.k"
+    out = [f"{key}={getattr(args, attr)}" for attr, key in fields.items() if getattr(args, attr, None) is not None]
     if args.model:
         out.append(f"model.name={args.model}")
     return out

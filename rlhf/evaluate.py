@@ -52,8 +52,9 @@ class Context:
 
 
 def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[list[str]] | None = None,
-                 counts: list[int] | None = None) -> dict:
-    """Accuracy, health, beyond-accuracy and simulator metrics for one list per held-out row."""
+                 counts: list[int] | None = None, rows: list[dict] | None = None) -> dict:
+    """Accuracy, health, beyond-accuracy and simulator metrics for one list per held-out row
+    (``rows`` defaults to all of the context's rows)."""
     from reward_models.rules import explanation_tied
 
     acc = {f"hr@{k}": [], f"ndcg@{k}": [], f"recall@{k}": [], "hr@1": [], "valid": [], "grounded": [], "dup": [],
@@ -61,7 +62,7 @@ def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[lis
     if k < 10:
         acc.update({"hr@10": [], "ndcg@10": []})
     recommended = set()
-    for j, (row, items) in enumerate(zip(ctx.rows, lists)):
+    for j, (row, items) in enumerate(zip(rows if rows is not None else ctx.rows, lists)):
         rel = set(row["heldout_ids"])
         n = counts[j] if counts is not None else len(items)
         acc[f"hr@{k}"].append(M.hit_rate(items, rel, k))
@@ -235,11 +236,8 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
 
 
 def _subset(ctx, idx, lists, k, expl=None, counts=None):
-    sub = Context.__new__(Context)
-    sub.__dict__.update(ctx.__dict__)
-    sub.rows = [ctx.rows[j] for j in idx]
-    return list_metrics(sub, [lists[j] for j in idx], k, [expl[j] for j in idx] if expl else None,
-                        [counts[j] for j in idx] if counts else None)
+    return list_metrics(ctx, [lists[j] for j in idx], k, [expl[j] for j in idx] if expl else None,
+                        [counts[j] for j in idx] if counts else None, rows=[ctx.rows[j] for j in idx])
 
 
 def _load_composite(run_dir: Path, ctx: Context, cfg: Config):

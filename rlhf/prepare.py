@@ -34,12 +34,9 @@ def _assistant(text: str) -> list[dict]:
 
 def _write(rows: list[dict], path: Path) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        rows_table = pa.table({"empty": pa.array([], pa.int8())})
-    else:
-        # JSON-encode free-form fields so every file has one stable schema
-        rows_table = pa.Table.from_pylist(rows)
-    pq.write_table(rows_table, path)
+    # an empty set still gets a file (readers see a lone "empty" column and return no rows)
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"empty": pa.array([], pa.int8())})
+    pq.write_table(table, path)
     return len(rows)
 
 

@@ -1,0 +1,132 @@
+"""Seconds per PPO update, split into generation / scoring / optimisation, for `rlhf ppo` and for a plain
+TRL 1.12 PPOTrainer with the same policy, batch, response length and epochs.
+
+    python bench/ppo_step.py --run runs/demo [--updates 4] [--batch 8] [--response-length 96] [--skip-plain]
+
+Needs a run with data/, sft/merged and reward/model (e.g. after `make demo`). "Plain" is what a user gets
+from TRL directly: LoRA policy on the SFT model, the full reward model as reward, and a full copy of it,
+trained in full, as value model. Ours: the composite reward (learned RM + rule terms) and a LoRA value
+model (`ppo.value_layers` to truncate it). Prints medians over the updates after the first (warm-up),
+peak resident memory of each process, and as its last line `ratio ours/plain = X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ours(run: Path, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp) / "run"
+        work.mkdir()
+        for part in ("data", "sft", "reward"):
+            os.symlink((run / part).resolve(), work / part)
+        cmd = [sys.executable, "-m", "rlhf", "ppo", "--run", str(work), "--config", args.config,
+               f"ppo.total_updates={args.updates}", f"ppo.batch_size={args.batch}", f"ppo.response_length={args.response_length}",
+               f"ppo.ppo_epochs={args.epochs}", f"ppo.mini_batches={args.mini_batches}", "ppo.checkpoint_every=1000",
+               f"ppo.value_layers={args.value_layers}"]
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        rows = [json.loads(l) for l in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    steady = rows[1:] or rows
+    return {"update_s": statistics.median(r["time/update_s"] for r in steady),
+            "generation_s": statistics.median(r["time/generation_s"] for r in steady),
+            "scoring_s": statistics.median(r["time/scoring_s"] for r in steady),
+            "optimisation_s": statistics.median(r["time/optimisation_s"] for r in steady),
+            "peak_gb": peak, "wall_s": time.time() - t0}
+
+
+PLAIN = r'''
+import json, sys, time, statistics, torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+import pyarrow.parquet as pq
+
+run, updates, batch, resp, epochs, minis, out = sys.argv[1:8]
+updates, batch, resp, epochs, minis = map(int, (updates, batch, resp, epochs, minis))
+tok = AutoTokenizer.from_pretrained(f"{run}/sft/merged"); tok.padding_side = "left"
+rows = pq.read_table(f"{run}/data/prompts/train.parquet").to_pylist()
+ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True) for r in rows]
+ids = [list(i["input_ids"] if hasattr(i, "keys") else i) for i in ids]
+policy = AutoModelForCausalLM.from_pretrained(f"{run}/sft/merged")
+rm = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1)
+value = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1)
+for m in (rm, value):
+    m.config.pad_token_id = tok.pad_token_id
+args = PPOConfig(output_dir=out, learning_rate=1e-4, per_device_train_batch_size=batch // minis,
+                 gradient_accumulation_steps=minis, num_mini_batches=minis, num_ppo_epochs=epochs,
+                 total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp,
+                 stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[], bf16=False,
+                 use_cpu=True, gradient_checkpointing=False)
+times, mark = [], [time.time()]
+class Clock(TrainerCallback):
+    def on_step_end(self, *a, **k):
+        times.append(time.time() - mark[0]); mark[0] = time.time()
+lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
+                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=rm, value_model=value,
+                     train_dataset=Dataset.from_list([{"input_ids": i} for i in ids]), peft_config=lora,
+                     callbacks=[Clock()])
+mark[0] = time.time()
+trainer.train()
+print(json.dumps({"update_s": statistics.median(times[1:] or times)}))
+'''
+
+
+def plain(run: Path, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-c", PLAIN, str(run), str(args.updates), str(args.batch),
+                               str(args.response_length), str(args.epochs), str(args.mini_batches), tmp],
+                              cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["peak_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    result["wall_s"] = time.time() - t0
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--config", default=str(ROOT / "recipes" / "demo.yaml"))
+    p.add_argument("--updates", type=int, default=4)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--mini-batches", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--response-length", type=int, default=96)
+    p.add_argument("--value-layers", type=int, default=6)
+    p.add_argument("--skip-plain", action="store_true")
+    args = p.parse_args()
+    run = Path(args.run)
+    print(f"machine: {os.cpu_count()} CPUs; batch {args.batch} x {args.response_length} new tokens, "
+          f"{args.epochs} epochs x {args.mini_batches} mini-batches, {args.updates} updates (first is warm-up)")
+    a = ours(run, args)
+    print(f"ours : {a['update_s']:.1f} s/update (generation {a['generation_s']:.1f}, scoring {a['scoring_s']:.1f}, "
+          f"optimisation {a['optimisation_s']:.1f}); peak RSS {a['peak_gb']:.1f} GB")
+    if args.skip_plain:
+        return
+    b = plain(run, args)
+    print(f"plain: {b['update_s']:.1f} s/update; peak RSS {b['peak_gb']:.1f} GB (children so far)")
+    print(f"ratio ours/plain = {a['update_s'] / b['update_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
