@@ -426,7 +426,8 @@ def dedupe(table: pa.Table, skips: SkipLog) -> pa.Table:
     """Drop exact repeats of (user, item, timestamp, event, impression) with numpy, counting them."""
     if table.num_rows == 0:
         return table
-    keys = [np.unique(table.column(c).to_numpy(zero_copy_only=False).astype(str), return_inverse=True)[1]
+    # integer codes from Arrow's dictionary encoding: no Python string object per row
+    keys = [table.column(c).combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
             for c in ("user_id", "item_id", "event", "impression_id")]
     ts = table.column("timestamp").to_numpy()
     order = np.lexsort([ts, *keys[::-1]])

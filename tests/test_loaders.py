@@ -54,6 +54,7 @@ def test_movielens_csv(tmp_path):
 
 
 def test_goodbooks_shared_sample():
+    assert SHARED.is_dir(), f"the shared goodbooks sample is expected at {SHARED} (../shared beside the checkout)"
     catalog, table = load_source(_cfg(source="goodbooks", path=str(SHARED)), s := SkipLog())
     assert len(catalog) == 10000
     assert catalog["1"].title == "The Hunger Games" and catalog["1"].year == 2008
