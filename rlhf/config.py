@@ -202,6 +202,7 @@ class PPOStageConfig:
     """PPO against the composite reward. Differs from TRL's PPOConfig: fp32 on CPU, value model from the RM."""
 
     learning_rate: float = _f(1e-4, "policy/value learning rate")
+    lr_scheduler: str = _f("linear", "linear (decays to 0 at the last update) | constant")
     total_updates: int = _f(10, "PPO updates (each: generate a batch, score, optimise)")
     batch_size: int = _f(8, "rollout batch per process")
     mini_batches: int = _f(2, "mini-batches per PPO epoch")
@@ -228,6 +229,7 @@ class PPOStageConfig:
         if isinstance(self.rules, dict):
             self.rules = _build(RuleWeights, self.rules, "ppo.rules")
         _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k3"))
+        _choice("ppo.lr_scheduler", self.lr_scheduler, ("linear", "constant"))
         _choice("ppo.report_to", self.report_to, ("none", "tensorboard"))
         if self.report_to == "tensorboard":
             import importlib.util

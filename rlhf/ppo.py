@@ -237,6 +237,12 @@ def _trainer_class():
                     params[n].copy_(v.to(params[n].device))
             self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
             self.lr_scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=False))
+            # the optimizer state carries the learning rate of the saved schedule; when the run's length
+            # changed on resume, take the rate the current schedule gives at this step instead
+            current = self.lr_scheduler.get_lr()
+            for group, lr in zip(self.optimizer.param_groups, current):
+                group["lr"] = lr
+            self.lr_scheduler._last_lr = list(current)
             rng_file = path / f"rng-{self.accelerator.process_index}.pt"
             rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.exists() else None
             skip = self.update_offset % max(len(self.dataloader), 1)
@@ -339,7 +345,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         missing_eos_penalty=pc.missing_eos_penalty, cliprange=pc.cliprange, cliprange_value=pc.cliprange_value,
         vf_coef=pc.vf_coef, whiten_rewards=pc.whiten_rewards, stop_token="eos", num_sample_generations=0,
         logging_steps=1, save_strategy="no", report_to=[] if pc.report_to == "none" else [pc.report_to],
-        seed=cfg.run.seed + done, lr_scheduler_type="linear",
+        seed=cfg.run.seed + done, lr_scheduler_type=pc.lr_scheduler,
         gradient_checkpointing=False, dataloader_num_workers=0, **trainer_precision(mc),
     )
     dataset = Dataset.from_list([{"input_ids": p["input_ids"]} for p in prompts])

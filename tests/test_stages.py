@@ -133,6 +133,11 @@ def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
     assert rows[-1]["lr"] < rows[2]["lr"] < rows[0]["lr"]
     again = rlhf("ppo", "--run", run, "--config", TINY, "ppo.total_updates=5", "--resume")
     assert "already done" in again.stdout
+    # extending a finished run: the new update trains at the new schedule's rate, not the old final 0
+    rlhf("ppo", "--run", run, "--config", TINY, "ppo.total_updates=6", "--resume")
+    rows = read_jsonl(run / "ppo" / "metrics.jsonl")
+    assert [r["update"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[4]["lr"] > 0 and rows[5]["lr"] > 0
 
 
 def test_eval_writes_metrics_report_and_plots(tiny_ppo):
