@@ -12,9 +12,7 @@ writes the resolved config to RUN_DIR/config.yaml.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 EXIT_ERROR, EXIT_USAGE, EXIT_NOT_IMPLEMENTED = 1, 2, 3
 

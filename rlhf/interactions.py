@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime

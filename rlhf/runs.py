@@ -22,9 +22,6 @@ class RunDir:
     def __init__(self, path):
         self.root = Path(path)
 
-    def __truediv__(self, other):
-        return self.root / other
-
     @property
     def data(self) -> Path:
         return self.root / "data"

@@ -1,5 +1,4 @@
 import json
-import math
 
 import pyarrow.parquet as pq
 import pytest
@@ -7,7 +6,7 @@ import pytest
 from rlhf.config import DataConfig
 from rlhf.interactions import DataError, SkipLog, load_source
 
-from conftest import SHARED, read_jsonl, rlhf
+from conftest import SHARED, rlhf
 
 ML_GENRES = "0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0|0|0"  # Sci-Fi flag on
 
