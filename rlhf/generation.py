@@ -20,6 +20,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     """Decode one response per prompt (greedy by default; seeded sampling when asked), left-padded batches."""
     from tqdm.auto import tqdm
 
+    from reward_models.encoding import pad_left
+
     model.eval()
     device = next(model.parameters()).device
     encoded = encode_prompts(tokenizer, prompts)
@@ -31,13 +33,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
         idx = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = encoded[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            mask[row, width - len(ids):] = 1
+        input_ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id)
+        width = input_ids.shape[1]
         out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature if do_sample else None, top_p=None, top_k=None,
