@@ -21,15 +21,19 @@ $(STAMP): $(PY) pyproject.toml
 
 setup: $(STAMP)
 
-# Open MPI lets `accelerate launch` start several CPU processes (the 2-rank test needs it).
-# Installed with apt-get where we are root; elsewhere the test says what to install.
+# System packages the tests drive for real: Open MPI (accelerate starts several CPU processes through
+# mpirun; the 2-rank test) and Debian's chromium (Playwright's browser test of the labeling page).
+# Installed with apt-get where we are root; elsewhere the tests that need them say what to install.
+SYSTEM_PKGS := mpirun:openmpi-bin chromium:chromium
 system-deps:
-	@if ! command -v mpirun >/dev/null 2>&1; then \
+	@missing=""; for pair in $(SYSTEM_PKGS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing openmpi-bin (apt-get)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openmpi-bin) >/dev/null \
-	      || echo "warning: could not install openmpi-bin; the multi-CPU launch test will fail"; \
-	  else echo "warning: mpirun not found; install Open MPI (e.g. apt-get install openmpi-bin)"; fi; \
+	    echo "installing$$missing (apt-get)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null \
+	      || echo "warning: could not install$$missing; the tests that need them will fail"; \
+	  else echo "warning: missing$$missing; install with: apt-get install$$missing"; fi; \
 	fi
 
 test: setup system-deps

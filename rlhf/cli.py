@@ -22,7 +22,7 @@ class NotImplementedStage(RuntimeError):
 
 
 def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
-    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval)")
+    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval, label)")
     p.add_argument(run_flag, dest="run", help="run directory (default: runs/<run.name> from the config)")
     p.add_argument("--model", help="base model: smollm2-135m (default), tiny, a local path or a hub id")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
@@ -78,10 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="offline preference-labeling rounds")
     lsub = label.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name in ("export", "serve", "import", "simulate"):
-        lp = lsub.add_parser(name)
-        _common(lp)
-        lp.add_argument("--round", type=int, required=True)
+    helps = {"export": "sample held-out prompts and candidate listings into labels/round-NNN/batch.jsonl",
+             "serve": "the labeling page and JSON API on 127.0.0.1", "import": "judgments -> preference pairs",
+             "simulate": "simulated labelers judge the batch, then import (built-in data)"}
+    lp = {}
+    for name, text in helps.items():
+        lp[name] = lsub.add_parser(name, help=text)
+        _common(lp[name])
+        lp[name].add_argument("--round", type=int, required=True)
+    lp["export"].add_argument("--stages", dest="label_stages", help="comma list of base,sft,ppo (default sft,ppo)")
+    lp["export"].add_argument("--prompts", type=int, help="prompts in the batch")
+    lp["export"].add_argument("--candidates", type=int, help="candidate listings per prompt, 2-4")
+    lp["serve"].add_argument("--host")
+    lp["serve"].add_argument("--port", type=int)
+    auth = lp["serve"].add_mutually_exclusive_group()
+    auth.add_argument("--token", help="one labeler's token (default: a random one, printed)")
+    auth.add_argument("--tokens-file", help="a file of `labeler,token` lines")
+    lp["simulate"].add_argument("--labelers", type=int)
+    lp["simulate"].add_argument("--noise", type=float)
 
     exp = sub.add_parser("export", help="package adapters for chat assistants")
     _common(exp)
@@ -99,7 +113,9 @@ def _flag_overrides(args) -> list[str]:
     section_of = {"data": "data", "eval": "eval"}.get(args.command)
     fields = {"source": "data.source", "path": "data.path", "min_history": "data.min_history", "mode": "data.mode",
               "num_candidates": "data.num_candidates", "retriever": "data.retriever", "seed": "data.seed",
-              "sources": "reward.sources", "split": "eval.split", "stages": "eval.stages"}
+              "sources": "reward.sources", "split": "eval.split", "stages": "eval.stages",
+              "label_stages": "label.stages", "prompts": "label.prompts", "candidates": "label.candidates",
+              "host": "label.host", "port": "label.port", "labelers": "label.labelers", "noise": "label.noise"}
     if section_of:  # --max-users means the data stage's cap or eval's, by command
         fields["max_users"] = f"{section_of}.max_users"
     if args.command == "data":
@@ -113,7 +129,8 @@ def _flag_overrides(args) -> list[str]:
 def _load(args):
     from rlhf.config import load_config
 
-    section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval"}.get(args.command)
+    section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval",
+               "label": "label"}.get(args.command)
     cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)], default_section=section)
     if args.run:
         cfg.run.dir = args.run
@@ -148,6 +165,10 @@ def dispatch(args) -> int:
         from rlhf.recommend import run_recommend
 
         run_recommend(cfg, run_dir, args)
+    elif cmd == "label":
+        from rlhf.labeling import run_label
+
+        run_label(cfg, run_dir, args)
     elif cmd == "pipeline":
         from rlhf.pipeline import run_pipeline
 

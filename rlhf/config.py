@@ -265,9 +265,38 @@ class EvalConfig:
             raise ConfigError(f"eval.stages has unknown {sorted(bad)}; use base, sft, ppo")
 
 
+@dataclass
+class LabelConfig:
+    """Offline preference-labeling rounds: which prompts and candidates a batch holds, and the server."""
+
+    split: str = _f("val", "held-out users the prompts come from (val keeps the test users unseen)")
+    prompts: int = _f(20, "prompts per round")
+    candidates: int = _f(2, "candidate listings per prompt (2-4)")
+    stages: list = _f(["sft", "ppo"], "stages that write candidates, taken in turn (untrained ones skipped)")
+    temperature: float = _f(0.8, "sampling temperature for candidates")
+    max_new_tokens: int = _f(112, "generation budget per candidate")
+    host: str = _f("127.0.0.1", "address the labeling server binds")
+    port: int = _f(8765, "port of the labeling server")
+    max_body_bytes: int = _f(16384, "largest request body the server accepts")
+    labelers: int = _f(3, "simulated labelers in `rlhf label simulate`")
+    noise: float = _f(1.0, "Bradley-Terry noise of simulated labelers (0 = always the better list)")
+
+    def __post_init__(self):
+        _choice("label.split", self.split, ("test", "val"))
+        if not 2 <= self.candidates <= 4:
+            raise ConfigError(f"label.candidates={self.candidates} must be 2, 3 or 4")
+        bad = set(self.stages) - {"base", "sft", "ppo"}
+        if bad or not self.stages:
+            raise ConfigError(f"label.stages={self.stages} must be a non-empty list of base, sft, ppo")
+        if self.prompts < 1 or self.labelers < 1 or self.noise < 0:
+            raise ConfigError("label.prompts and label.labelers must be >= 1, label.noise >= 0")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"label.port={self.port} is not a TCP port")
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig, "model": ModelConfig, "data": DataConfig, "sft": SFTConfig,
-    "reward": RewardConfig, "ppo": PPOStageConfig, "eval": EvalConfig,
+    "reward": RewardConfig, "ppo": PPOStageConfig, "eval": EvalConfig, "label": LabelConfig,
 }
 
 
@@ -280,6 +309,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -29,20 +29,12 @@ import numpy as np
 import torch
 
 from rlhf.config import Config, save_resolved
-from rlhf.runs import RunDir
+from rlhf.runs import RunDir, fsync_dir
 
 KEEP_CHECKPOINTS = 2
 
 
 # -- checkpoints -------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     if not ckpt_root.exists():
         return None
@@ -107,6 +99,15 @@ def _trainer_class():
         def __init__(self, *a, stage_cfg, run_dir: Path, composite, total_updates: int, update_offset: int,
                      resume_from: Path | None, **kw):
             super().__init__(*a, **kw)
+            # TRL 1.12 uses gradient_accumulation_steps twice: to size the rollout batch (per-device x G)
+            # and as accelerate's accumulation count. With num_mini_batches M > 1 the optimiser then steps
+            # once per G micro-batches, i.e. once per rollout batch instead of once per mini-batch, and
+            # the stats tensors (sized by G) are only 1/M filled, so approxkl, losses and the ratio read
+            # M times too small. The rollout batch is sized by now; accumulate per mini-batch only.
+            micro_per_mini = self.args.local_mini_batch_size // self.args.per_device_train_batch_size
+            if self.accelerator.distributed_type != "DEEPSPEED":   # DeepSpeed fixed its count at prepare
+                self.args.gradient_accumulation_steps = micro_per_mini
+                self.accelerator.gradient_accumulation_steps = micro_per_mini
             self.stage_cfg, self.run_dir, self.composite = stage_cfg, run_dir, composite
             self.total_updates, self.update_offset = total_updates, update_offset
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -217,9 +218,9 @@ def _trainer_class():
                 for f in tmp.iterdir():
                     with open(f, "rb") as fh:
                         os.fsync(fh.fileno())
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 os.replace(tmp, final)
-                _fsync_dir(root)
+                fsync_dir(root)
                 for old in sorted(p for p in root.glob("update-*") if not p.name.endswith(".tmp"))[:-KEEP_CHECKPOINTS]:
                     shutil.rmtree(old, ignore_errors=True)
             acc.wait_for_everyone()

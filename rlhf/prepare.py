@@ -100,8 +100,11 @@ def build_prompts(ctx: _Context, users: list[UserSplit]) -> list[dict]:
         shown = _recent(u.history, ctx.cfg.history_len)
         held = [e.item_id for e in u.heldout]
         cands = ctx.candidates([e.item_id for e in u.history], held)
-        rows.append({"prompt": ctx.builder.messages(_hist(shown), cands), "user_id": u.user_id, "split": u.split,
+        msgs, kept = ctx.builder.build(_hist(shown), cands)
+        rows.append({"prompt": msgs, "user_id": u.user_id, "split": u.split,
                      "history_ids": [e.item_id for e in u.history], "heldout_ids": held,
+                     # what the prompt shows (budget-trimmed), for labelers and reports
+                     "shown": [{"item_id": i, "rating": None if r is None or math.isnan(r) else float(r)} for i, r in kept],
                      "candidate_ids": cands or [], "cold_start": u.cold_start})
     return rows
 

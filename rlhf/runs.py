@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry itself is flushed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class MissingInput(FileNotFoundError):

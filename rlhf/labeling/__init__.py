@@ -1,0 +1,49 @@
+"""Offline preference-labeling rounds.
+
+    rlhf label export   --run RUN --round 1 [--prompts 20] [--candidates 2] [--stages sft,ppo]
+    rlhf label serve    --run RUN --round 1 [--tokens-file labelers.csv]   # a page on 127.0.0.1
+    rlhf label simulate --run RUN --round 1 [--labelers 3] [--noise 1.0]   # built-in data: no people needed
+    rlhf label import   --run RUN --round 1                                # -> labels/round-001/pairs.parquet
+    rlhf reward         --run RUN                                          # picks up every imported round
+
+A round lives in RUN_DIR/labels/round-NNN/: batch.jsonl (what labelers see), provenance.jsonl (which
+stage wrote each candidate; never served), manifest.json, judgments.jsonl (appended and fsynced one
+judgment at a time), pairs.parquet and summary.json (written by import).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def round_dir(run_dir: Path, round_no: int) -> Path:
+    return Path(run_dir) / "labels" / f"round-{round_no:03d}"
+
+
+def round_name(round_no: int) -> str:
+    return f"round-{round_no:03d}"
+
+
+def run_label(cfg, run_dir: Path, args) -> None:
+    """`rlhf label ACTION`: one workflow function per action, each in its own module."""
+    from rlhf.config import ConfigError, save_resolved
+
+    if not 1 <= args.round <= 999:
+        raise ConfigError(f"--round {args.round}: rounds are numbered 1 to 999")
+    if args.action == "export":
+        from rlhf.labeling.batch import run_export
+
+        save_resolved(cfg, run_dir, ["label"])
+        run_export(cfg, run_dir, args.round)
+    elif args.action == "serve":
+        from rlhf.labeling.server import run_serve
+
+        run_serve(cfg, run_dir, args.round, token=args.token, tokens_file=args.tokens_file)
+    elif args.action == "import":
+        from rlhf.labeling.importer import run_import
+
+        run_import(cfg, run_dir, args.round)
+    elif args.action == "simulate":
+        from rlhf.labeling.simulate import run_simulate
+
+        run_simulate(cfg, run_dir, args.round)

@@ -1,0 +1,176 @@
+"""A round's batch: held-out prompts, each with 2-4 sampled candidate listings in a shuffled order.
+
+`run_export` writes it; `Batch.load` reads it back for the server, the simulator and import. Which stage
+wrote a candidate is kept apart in provenance.jsonl so labelers judge the lists, not their source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rlhf.interactions import DataError
+from rlhf.labeling import round_dir, round_name
+from rlhf.runs import MissingInput, RunDir
+
+SPECIAL = ("tie", "both_bad")
+
+
+@dataclass
+class Batch:
+    batch_id: str
+    rows: list[dict]
+
+    def __post_init__(self):
+        self.by_prompt = {r["prompt_id"]: r for r in self.rows}
+
+    @classmethod
+    def load(cls, run_dir: Path, round_no: int) -> "Batch":
+        path = round_dir(run_dir, round_no) / "batch.jsonl"
+        if not path.exists():
+            raise MissingInput(f"{path} is missing; make it with: rlhf label export --run {run_dir} --round {round_no}")
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                ids = [c["candidate_id"] for c in row["candidates"]]
+                _ = row["batch_id"], row["prompt_id"], row["history"], row["prompt"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{n}: not a batch row ({type(e).__name__}: {e})") from None
+            if len(set(ids)) != len(ids) or len(ids) < 2 or set(ids) & set(SPECIAL):
+                raise DataError(f"{path}:{n}: candidate ids {ids} must be 2-4 distinct ids other than tie/both_bad")
+            rows.append(row)
+        if not rows:
+            raise DataError(f"{path}: the batch is empty")
+        ids = {r["batch_id"] for r in rows}
+        if len(ids) != 1:
+            raise DataError(f"{path}: rows name several batch ids {sorted(ids)}")
+        return cls(ids.pop(), rows)
+
+
+def _history(catalog, row: dict, history_len: int) -> list[dict]:
+    """The history as the prompt shows it (oldest first), with titles, years, genres and ratings."""
+    shown = row.get("shown") or [{"item_id": i, "rating": None} for i in row["history_ids"][-history_len:]]
+    out = []
+    for h in shown:
+        it = catalog[h["item_id"]] if h["item_id"] in catalog else None
+        out.append({"item_id": h["item_id"], "title": it.title if it else h["item_id"], "year": it.year if it else None,
+                    "genres": list(it.genres) if it else [], "rating": h.get("rating")})
+    return out
+
+
+def _digest(path: Path) -> str | None:
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_export(cfg, run_dir: Path, round_no: int) -> dict:
+    """Sample ``label.prompts`` held-out prompts and ``label.candidates`` sampled listings for each."""
+    from rlhf.evaluate import load_stage_model
+    from rlhf.generation import generate
+
+    lc, run = cfg.label, RunDir(run_dir)
+    out = round_dir(run_dir, round_no)
+    judged = out / "judgments.jsonl"
+    if judged.exists() and judged.stat().st_size > 0:
+        raise DataError(f"{judged} already holds judgments; export round {round_no} again would orphan them. "
+                        f"Use a new round number (--round {round_no + 1}).")
+    catalog = run.catalog()
+    rows = run.rows(f"prompts/{lc.split}.parquet")
+    rows = [r for r in rows if r["history_ids"]]
+    if not rows:
+        raise DataError(f"{run.data / 'prompts' / (lc.split + '.parquet')}: no held-out prompts with a history")
+    seed = cfg.run.seed * 1000 + round_no
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(rows), size=min(lc.prompts, len(rows)), replace=False).tolist())
+    rows = [rows[i] for i in picked]
+    notes = [] if len(rows) == lc.prompts else [f"only {len(rows)} {lc.split} prompts exist; asked for {lc.prompts}"]
+
+    stages, slots = [], {}
+    for s in lc.stages:
+        if (run_dir / {"base": "data", "sft": "sft/merged", "ppo": "ppo/adapter"}[s]).exists():
+            stages.append(s)
+        else:
+            notes.append(f"stage {s}: not trained in this run, no candidates from it")
+    if not stages:
+        raise MissingInput(f"none of the stages {lc.stages} is trained in {run_dir}; run `rlhf sft --run {run_dir}` first")
+    # candidate j of every prompt comes from stages[j % len(stages)]: sft vs ppo side by side when both exist
+    for j in range(lc.candidates):
+        slots.setdefault(stages[j % len(stages)], []).append(j)
+    texts = [[None] * lc.candidates for _ in rows]
+    prov = [[None] * lc.candidates for _ in rows]
+    prompts = [r["prompt"] for r in rows]
+    for s_index, (stage, js) in enumerate(slots.items()):
+        model, tokenizer = load_stage_model(run_dir, stage, cfg.model)
+        for j in js:
+            gen_seed = seed * 100 + s_index * 10 + j
+            outs = generate(model, tokenizer, prompts, max_new_tokens=lc.max_new_tokens, batch_size=cfg.eval.batch_size,
+                            do_sample=True, temperature=lc.temperature, seed=gen_seed, progress=f"label {stage}")
+            for i, t in enumerate(outs):
+                texts[i][j], prov[i][j] = t, {"stage": stage, "seed": gen_seed, "temperature": lc.temperature}
+        del model
+
+    batch_rows, prov_rows, dropped = [], [], 0
+    for i, r in enumerate(rows):
+        seen, cands = set(), []
+        for j in rng.permutation(lc.candidates).tolist():   # shown order hides which stage wrote what
+            if texts[i][j] in seen:
+                continue
+            seen.add(texts[i][j])
+            cands.append((texts[i][j], prov[i][j]))
+        if len(cands) < 2:
+            dropped += 1
+            continue
+        pid = f"p{len(batch_rows) + 1:04d}"
+        batch_rows.append({"prompt_id": pid, "user_id": r["user_id"], "prompt": r["prompt"],
+                           "history": _history(catalog, r, cfg.data.history_len),
+                           "candidates": [{"candidate_id": f"c{n + 1}", "text": t} for n, (t, _) in enumerate(cands)]})
+        prov_rows.append({"prompt_id": pid, "candidates": {f"c{n + 1}": p for n, (_, p) in enumerate(cands)}})
+    if dropped:
+        notes.append(f"{dropped} prompts dropped: every candidate for them was the same text")
+    if not batch_rows:
+        raise DataError("no prompt kept two distinct candidates; raise label.temperature or label.candidates")
+    body = json.dumps(batch_rows, sort_keys=True).encode()
+    batch_id = f"{round_name(round_no)}-{hashlib.sha256(body).hexdigest()[:8]}"
+    for b in batch_rows:
+        b["batch_id"] = batch_id
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "batch.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in batch_rows))
+    _atomic_write(out / "provenance.jsonl", "".join(json.dumps(p) + "\n" for p in prov_rows))
+    manifest = {
+        "round": round_no, "batch_id": batch_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "split": lc.split, "seed": seed, "prompts": len(batch_rows), "candidates_per_prompt": lc.candidates,
+        "temperature": lc.temperature, "max_new_tokens": lc.max_new_tokens, "base_model": cfg.model.name,
+        "stages": {s: {"path": str(run_dir / {"base": "data", "sft": "sft/merged", "ppo": "ppo/adapter"}[s]),
+                       "digest": _digest(run_dir / {"sft": "sft/merged", "ppo": "ppo/adapter"}[s]) if s != "base" else None}
+                   for s in stages},
+        "notes": notes,
+    }
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
+    print(f"label export: {len(batch_rows)} prompts x {lc.candidates} candidates from {', '.join(stages)} -> {out / 'batch.jsonl'}")
+    for n in notes:
+        print(f"label export: note: {n}")
+    return manifest

@@ -1,0 +1,435 @@
+"""Labeling rounds: export, the store's guarantees, import rules, the server under load, faults and bad
+requests (a real uvicorn process on 127.0.0.1), simulated labelers, and a real headless Chromium."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY, read_jsonl, rlhf
+
+N_LABELERS, PER_LABELER = 50, 20
+
+
+@pytest.fixture(scope="module")
+def label_run(tmp_path_factory):
+    """Tiny built-in data with 24 validation users and a round-1 batch of 20 prompts from the base model."""
+    run = tmp_path_factory.mktemp("label") / "run"
+    rlhf("data", "prepare", "--out", run, "--config", TINY, "data.val_fraction=0.4")
+    rlhf("label", "export", "--run", run, "--config", TINY, "--round", 1, "--prompts", PER_LABELER, "--stages", "base")
+    return run
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tokens_file(path: Path, n: int) -> dict[str, str]:
+    tokens = {f"lab{i:02d}": f"token-{i:02d}-{'x' * 12}" for i in range(n)}
+    path.write_text("# labeler,token\n" + "".join(f"{k},{v}\n" for k, v in tokens.items()))
+    return tokens
+
+
+@contextlib.contextmanager
+def server(run: Path, round_no: int, tokens: Path, port: int):
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf", "label", "serve", "--run", str(run), "--round", str(round_no),
+                             "--tokens-file", str(tokens), "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if request(port, "GET", "/api/progress")[0] == 401:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"server did not start: {proc.stdout.read()}")
+            time.sleep(0.2)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def request(port, method, path, token=None, body=None, raw: bytes | None = None, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    h = dict(headers or {})
+    if token:
+        h["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if data is not None:
+        h.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=data, headers=h)
+        resp = conn.getresponse()
+        payload = resp.read()
+        return resp.status, (json.loads(payload) if payload and resp.getheader("content-type", "").startswith("application/json")
+                             else payload.decode(errors="replace"))
+    finally:
+        conn.close()
+
+
+def judgments_on_disk(run: Path, round_no: int = 1) -> list[dict]:
+    return read_jsonl(run / "labels" / f"round-{round_no:03d}" / "judgments.jsonl")
+
+
+# ---------------------------------------------------------------- export
+
+def test_export_is_deterministic_and_hides_provenance(label_run, tmp_path):
+    again = copy_run(label_run, tmp_path / "again")
+    shutil.rmtree(again / "labels")
+    rlhf("label", "export", "--run", again, "--config", TINY, "--round", 1, "--prompts", PER_LABELER, "--stages", "base")
+    a = (label_run / "labels/round-001/batch.jsonl").read_text()
+    assert a == (again / "labels/round-001/batch.jsonl").read_text()
+    rows = [json.loads(l) for l in a.splitlines()]
+    assert len(rows) == PER_LABELER and len({r["batch_id"] for r in rows}) == 1
+    for r in rows:
+        assert 2 <= len(r["candidates"]) and len({c["text"] for c in r["candidates"]}) == len(r["candidates"])
+        assert "stage" not in json.dumps(r["candidates"])           # labelers never see which stage wrote a list
+        assert r["history"] and all(h["title"] for h in r["history"])
+    prov = read_jsonl(label_run / "labels/round-001/provenance.jsonl")
+    assert {p["prompt_id"] for p in prov} == {r["prompt_id"] for r in rows}
+    assert all(c["stage"] == "base" for p in prov for c in p["candidates"].values())
+    manifest = json.loads((label_run / "labels/round-001/manifest.json").read_text())
+    assert manifest["batch_id"] == rows[0]["batch_id"] and manifest["prompts"] == PER_LABELER
+    # a round that already has judgments is never overwritten
+    (again / "labels/round-001/judgments.jsonl").write_text('{"x": 1}\n')
+    proc = rlhf("label", "export", "--run", again, "--config", TINY, "--round", 1, "--stages", "base", check=False)
+    assert proc.returncode == 1 and "already holds judgments" in proc.stderr
+
+
+# ---------------------------------------------------------------- store and import
+
+def _store(run):
+    from rlhf.labeling.batch import Batch
+    from rlhf.labeling.store import JudgmentStore
+
+    batch = Batch.load(run, 1)
+    return batch, JudgmentStore(run / "labels/round-001/judgments.jsonl", batch)
+
+
+def test_store_idempotency_and_refusals(label_run, tmp_path):
+    from rlhf.labeling.store import JudgmentError
+
+    run = copy_run(label_run, tmp_path / "run")
+    batch, store = _store(run)
+    row = batch.rows[0]
+    body = {"batch_id": batch.batch_id, "prompt_id": row["prompt_id"], "preferred": row["candidates"][0]["candidate_id"],
+            "idempotency_key": "k1"}
+    assert store.add("ann", body)[0] == 201
+    assert store.add("ann", dict(body))[0] == 200                        # a retry is acknowledged, not stored again
+    for bad, status in [({**body, "preferred": "tie"}, 409),            # same key, different judgment
+                        ({**body, "idempotency_key": "k2"}, 409),       # same prompt judged twice
+                        ({**body, "preferred": "c9", "idempotency_key": "k3"}, 422),
+                        ({**body, "prompt_id": "nope", "idempotency_key": "k4"}, 404),
+                        ({**body, "comment": 5, "idempotency_key": "k5"}, 422)]:
+        with pytest.raises(JudgmentError) as e:
+            store.add("ann", bad)
+        assert e.value.status == status
+    assert store.add("bob", body)[0] == 201                              # keys are per labeler
+    store.close()
+    assert len(judgments_on_disk(run)) == 2
+
+
+def test_import_rules(label_run, tmp_path):
+    import pyarrow.parquet as pq
+
+    run = copy_run(label_run, tmp_path / "run")
+    batch, store = _store(run)
+    r0, r1, r2 = batch.rows[:3]
+    c = lambda row, i: row["candidates"][i]["candidate_id"]  # noqa: E731
+    plan = [("ann", r0, c(r0, 0)), ("bob", r0, c(r0, 0)), ("cat", r0, c(r0, 1)),   # 2:1 -> one pair
+            ("ann", r1, "tie"), ("bob", r1, "both_bad"),                            # no pair
+            ("ann", r2, c(r2, 0)), ("bob", r2, c(r2, 1))]                           # 1:1 -> no pair
+    for lab, row, pref in plan:
+        store.add(lab, {"batch_id": batch.batch_id, "prompt_id": row["prompt_id"], "preferred": pref,
+                        "idempotency_key": f"{lab}-{row['prompt_id']}"})
+    store.close()
+    log = run / "labels/round-001/judgments.jsonl"
+    first = log.read_text().splitlines()[0]
+    with open(log, "a") as f:
+        f.write(first + "\n")                    # a duplicate line in the log counts once
+        f.write(first[:25])                      # an unfinished last line (a crash mid-append)
+    rlhf("label", "import", "--run", run, "--config", TINY, "--round", 1)
+    summary = json.loads((run / "labels/round-001/summary.json").read_text())
+    assert summary["judgments"]["used"] == 7 and summary["judgments"]["duplicate"] == 1
+    assert summary["judgments"]["incomplete_last_line"] == 1
+    assert summary["answers"] == {"candidate": 5, "tie": 1, "both_bad": 1}
+    assert summary["agreement"]["prompts_with_2plus"] == 3
+    assert summary["agreement"]["pairwise"] == pytest.approx((1 + 0 + 0) / 5)   # r0: 1 of 3 pairs agree; r1, r2: 0 of 1
+    pairs = pq.read_table(run / "labels/round-001/pairs.parquet").to_pylist()
+    assert len(pairs) == 1 == summary["pairs"]
+    text = {x["candidate_id"]: x["text"] for x in r0["candidates"]}
+    assert pairs[0]["chosen"][0]["content"] == text[c(r0, 0)]
+    assert pairs[0]["rejected"][0]["content"] == text[c(r0, 1)]
+    assert pairs[0]["source"] == "labels:round-001" and pairs[0]["prompt"] == r0["prompt"]
+    assert json.loads(pairs[0]["provenance"])["votes"] == {c(r0, 0): 2, c(r0, 1): 1}
+
+
+# ---------------------------------------------------------------- the server
+
+def test_auth_and_bad_requests_change_nothing(label_run, tmp_path):
+    run = copy_run(label_run, tmp_path / "run")
+    tokens = tokens_file(tmp_path / "tokens.csv", 2)
+    tok = tokens["lab00"]
+    port = free_port()
+    with server(run, 1, tmp_path / "tokens.csv", port):
+        assert request(port, "GET", "/api/next")[0] == 401
+        assert request(port, "GET", "/api/next", token="wrong-token-123")[0] == 401
+        assert request(port, "GET", "/")[0] == 401
+        assert request(port, "GET", f"/api/next?token={tok}")[0] == 401      # the API wants the header
+        status, page = request(port, "GET", f"/?token={tok}")
+        assert status == 200 and "Which recommendation list" in page
+        status, row = request(port, "GET", "/api/next", token=tok)
+        assert status == 200 and set(row) == {"batch_id", "prompt_id", "history", "candidates"}
+        good = {"batch_id": row["batch_id"], "prompt_id": row["prompt_id"],
+                "preferred": row["candidates"][0]["candidate_id"], "idempotency_key": "k"}
+        cases = [
+            ("POST", "/api/judgments", {"raw": b"{not json"}, 400),
+            ("POST", "/api/judgments", {"body": [1, 2]}, 400),
+            ("POST", "/api/judgments", {"body": {**good, "batch_id": "round-001-ffffffff"}}, 404),
+            ("POST", "/api/judgments", {"body": {**good, "prompt_id": "p9999"}}, 404),
+            ("POST", "/api/judgments", {"body": {**good, "preferred": "c7"}}, 422),
+            ("POST", "/api/judgments", {"body": {**good, "extra": 1}}, 400),
+            ("POST", "/api/judgments", {"body": {k: v for k, v in good.items() if k != "idempotency_key"}}, 400),
+            ("POST", "/api/judgments", {"raw": json.dumps({**good, "comment": "x" * 40000}).encode()}, 413),
+            ("GET", "/api/judgments", {}, 405),
+            ("GET", "/../../etc/passwd", {}, 404),
+            ("GET", "/api/next/../../labels/round-001/judgments.jsonl", {}, 404),
+            ("GET", "/%2e%2e/%2e%2e/etc/passwd", {}, 404),
+            ("GET", "/labels/round-001/provenance.jsonl", {}, 404),
+        ]
+        for method, path, kw, status in cases:
+            got, payload = request(port, method, path, token=tok, **kw)
+            assert got == status, (path, kw, got, payload)
+            assert isinstance(payload, dict) and payload["error"], (path, payload)
+        assert judgments_on_disk(run) == []
+        assert request(port, "GET", "/api/progress", token=tok)[1]["done"] == 0
+        assert request(port, "POST", "/api/judgments", token=tok, body=good)[0] == 201
+        assert request(port, "POST", "/api/judgments", token=tok, body=good)[0] == 200
+        assert request(port, "GET", "/api/progress", token=tok)[1]["done"] == 1
+        other = request(port, "GET", "/api/progress", token=tokens["lab01"])[1]
+        assert other["labeler"] == "lab01" and other["done"] == 0           # each labeler has their own queue
+    assert len(judgments_on_disk(run)) == 1
+
+
+def _label_all(port, token, acked: list, stop: threading.Event | None = None, retry_every: int = 7):
+    """Work through a labeler's queue like a script would; record every acknowledged judgment."""
+    n = 0
+    while stop is None or not stop.is_set():
+        try:
+            status, row = request(port, "GET", "/api/next", token=token)
+        except OSError:
+            return
+        if status == 204:
+            return
+        body = {"batch_id": row["batch_id"], "prompt_id": row["prompt_id"],
+                "preferred": row["candidates"][n % len(row["candidates"])]["candidate_id"],
+                "idempotency_key": f"{token}-{row['prompt_id']}"}
+        try:
+            status, _ = request(port, "POST", "/api/judgments", token=token, body=body)
+            if n % retry_every == 0:     # a client that did not see the answer sends it again
+                assert request(port, "POST", "/api/judgments", token=token, body=body)[0] == 200
+        except OSError:
+            return
+        assert status in (200, 201), status
+        acked.append((token, row["prompt_id"]))
+        n += 1
+
+
+def test_fifty_concurrent_labelers(label_run, tmp_path):
+    run = copy_run(label_run, tmp_path / "run")
+    tokens = tokens_file(tmp_path / "tokens.csv", N_LABELERS)
+    port = free_port()
+    acked: list = []
+    with server(run, 1, tmp_path / "tokens.csv", port):
+        threads = [threading.Thread(target=_label_all, args=(port, t, acked)) for t in tokens.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert not any(t.is_alive() for t in threads)
+    on_disk = judgments_on_disk(run)
+    names = {v: k for k, v in tokens.items()}
+    assert len(acked) == N_LABELERS * PER_LABELER == 1000
+    keys = [(j["labeler"], j["prompt_id"]) for j in on_disk]
+    assert len(keys) == len(set(keys)) == 1000                          # every judgment once, none twice
+    assert {(names[t], p) for t, p in acked} == set(keys)
+
+
+def test_sigkill_mid_round_then_restart(label_run, tmp_path):
+    run = copy_run(label_run, tmp_path / "run")
+    tokens = tokens_file(tmp_path / "tokens.csv", 8)
+    port = free_port()
+    acked: list = []
+    stop = threading.Event()
+    with server(run, 1, tmp_path / "tokens.csv", port) as proc:
+        threads = [threading.Thread(target=_label_all, args=(port, t, acked, stop)) for t in tokens.values()]
+        for t in threads:
+            t.start()
+        while len(acked) < 40:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)       # mid-round, with requests in flight
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    names = {v: k for k, v in tokens.items()}
+    first = judgments_on_disk(run)              # parses: no torn line survives a restart either
+    keys = {(j["labeler"], j["prompt_id"]) for j in first}
+    assert {(names[t], p) for t, p in acked} <= keys                    # nothing acknowledged is lost
+    assert len(keys) == len(first)
+    with server(run, 1, tmp_path / "tokens.csv", port):
+        for name, tok in tokens.items():
+            prog = request(port, "GET", "/api/progress", token=tok)[1]
+            assert prog["done"] == sum(1 for j in first if j["labeler"] == name)    # resumes where they were
+            status, row = request(port, "GET", "/api/next", token=tok)
+            assert status == 204 or (name, row["prompt_id"]) not in keys
+        acked_after: list = []
+        threads = [threading.Thread(target=_label_all, args=(port, t, acked_after)) for t in tokens.values()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    final = judgments_on_disk(run)
+    keys = [(j["labeler"], j["prompt_id"]) for j in final]
+    assert len(keys) == len(set(keys)) == 8 * PER_LABELER
+
+
+# ---------------------------------------------------------------- simulated labelers -> reward data
+
+def _listing_batch(run: Path, round_no: int, hostile: str | None = None) -> None:
+    """A round whose candidates are real listings: the user's best films by true utility vs their worst."""
+    from rlhf.catalog import Catalog
+    from rlhf.labeling.batch import _history
+    from rlhf.listing import render
+    from rlhf.runs import RunDir
+    from rlhf.simulator import Simulator
+
+    r = RunDir(run)
+    meta, catalog = r.meta(), Catalog.load_jsonl(run / "data/catalog.jsonl")
+    sim = Simulator(catalog, seed=meta["simulator_seed"])
+    out = run / "labels" / f"round-{round_no:03d}"
+    out.mkdir(parents=True)
+    rows, prov = [], []
+    for i, p in enumerate(r.rows("prompts/val.parquet")[:6]):
+        user = sim.user(p["user_id"])
+        seen = set(p["history_ids"])
+        ranked = [it.item_id for it in sorted(catalog.items, key=lambda it: -sim.utility(user, it.item_id))
+                  if it.item_id not in seen]
+        good, bad = ranked[:meta["k"]], ranked[-meta["k"]:]
+        texts = [render([catalog[x].display for x in good], ["a strong match"] * meta["k"]),
+                 render([catalog[x].display for x in bad], [hostile or "a weak match"] * meta["k"])]
+        order = [0, 1] if i % 2 else [1, 0]
+        rows.append({"batch_id": f"round-{round_no:03d}-test", "prompt_id": f"p{i + 1:04d}", "user_id": p["user_id"],
+                     "prompt": p["prompt"], "history": _history(catalog, p, 8),
+                     "candidates": [{"candidate_id": f"c{n + 1}", "text": texts[o]} for n, o in enumerate(order)]})
+        prov.append({"prompt_id": f"p{i + 1:04d}",
+                     "candidates": {f"c{n + 1}": {"stage": ["good", "bad"][o]} for n, o in enumerate(order)}})
+    (out / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    (out / "provenance.jsonl").write_text("".join(json.dumps(x) + "\n" for x in prov))
+
+
+def test_simulated_round_feeds_the_reward_model(tiny_sft, tmp_path):
+    import pyarrow.parquet as pq
+
+    run = copy_run(tiny_sft, tmp_path / "run")
+    _listing_batch(run, 2)
+    rlhf("label", "simulate", "--run", run, "--config", TINY, "--round", 2, "--labelers", 3, "--noise", 0)
+    summary = json.loads((run / "labels/round-002/summary.json").read_text())
+    assert summary["judgments"]["used"] == 18 and summary["labelers"] == {"sim-1": 6, "sim-2": 6, "sim-3": 6}
+    assert summary["stage_wins"] == {"good>bad": 6}                     # noise 0: the better list every time
+    assert summary["agreement"]["pairwise"] == 1.0
+    pairs = pq.read_table(run / "labels/round-002/pairs.parquet").to_pylist()
+    assert len(pairs) == 6 and all(p["source"] == "labels:round-002" for p in pairs)
+    # running it again stores nothing twice
+    proc = rlhf("label", "simulate", "--run", run, "--config", TINY, "--round", 2, "--labelers", 3, "--noise", 0)
+    assert "0 judgments stored, 18 already there" in proc.stdout
+    assert len(judgments_on_disk(run, 2)) == 18
+    rlhf("reward", "--run", run, "--config", TINY)
+    metrics = json.loads((run / "reward/metrics.json").read_text())
+    assert metrics["pairs"]["read"]["labels:round-002"] == 6
+
+
+def test_simulated_labeler_choice():
+    from rlhf.labeling.simulate import choose
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    assert choose([0.2, 0.9], [3, 3], 0, rng) == 1
+    assert choose([0.5, 0.5], [3, 3], 0, rng) == "tie"
+    assert choose([0.0, 0.0], [0, 0], 1.0, rng) == "both_bad"
+    picks = [choose([0.2, 0.6], [3, 3], 1.0, rng) for _ in range(400)]
+    assert 0.9 < sum(p == 1 for p in picks) / 400 < 1.0                # Bradley-Terry: mostly, not always
+
+
+# ---------------------------------------------------------------- a real browser
+
+CHROMIUM = "/usr/bin/chromium"
+HOSTILE = '<img src=x onerror="document.title=\'pwned\'"> Ignore previous instructions'
+
+
+def test_browser_labels_two_items_with_the_keyboard(tiny_sft, tmp_path):
+    if not Path(CHROMIUM).exists():
+        raise AssertionError(f"{CHROMIUM} is missing: `make test` installs Debian's chromium as root "
+                             "(apt-get install chromium); this test must run, not skip")
+    from playwright.sync_api import expect, sync_playwright
+
+    run = copy_run(tiny_sft, tmp_path / "run")
+    _listing_batch(run, 3, hostile=HOSTILE)
+    tokens = tokens_file(tmp_path / "tokens.csv", 1)
+    port = free_port()
+    with server(run, 3, tmp_path / "tokens.csv", port), sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/?token={tokens['lab00']}")
+            page.wait_for_selector(".cand")
+            progress = page.locator("#progress")
+            expect(progress).to_have_text(re.compile(r"^0 / 6"))
+            first = page.locator(".cand").first.get_attribute("data-candidate")
+            shown = page.locator(".cand pre").all_inner_texts()
+            assert any(HOSTILE in t for t in shown)                    # hostile text shows as text ...
+            assert page.locator(".cand img").count() == 0              # ... and never becomes markup
+            page.keyboard.press("1")
+            expect(progress).to_have_text(re.compile(r"^1 / 6"))
+            page.keyboard.press("c")
+            page.keyboard.type("both lists miss the point")
+            page.keyboard.press("Escape")
+            page.keyboard.press("t")
+            expect(progress).to_have_text(re.compile(r"^2 / 6"))
+            assert page.title() != "pwned"
+        finally:
+            browser.close()
+    on_disk = judgments_on_disk(run, 3)
+    assert [j["labeler"] for j in on_disk] == ["lab00", "lab00"]
+    assert on_disk[0]["preferred"] == first
+    assert on_disk[1]["preferred"] == "tie" and on_disk[1]["comment"] == "both lists miss the point"
