@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _common import ROOT, run_child
 
 
 def ours(run: Path, args) -> dict:
@@ -37,11 +35,10 @@ def ours(run: Path, args) -> dict:
                f"ppo.ppo_epochs={args.epochs}", f"ppo.mini_batches={args.mini_batches}", "ppo.checkpoint_every=1000",
                f"ppo.value_layers={args.value_layers}"]
         t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc, peak = run_child(cmd)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         rows = [json.loads(l) for l in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
     steady = rows[1:] or rows
     return {"update_s": statistics.median(r["time/update_s"] for r in steady),
             "generation_s": statistics.median(r["time/generation_s"] for r in steady),
@@ -74,31 +71,47 @@ args = PPOConfig(output_dir=out, learning_rate=1e-4, per_device_train_batch_size
                  total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp,
                  stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[], bf16=False,
                  use_cpu=True, gradient_checkpointing=False)
-times, mark = [], [time.time()]
+times, mark, spent = [], [time.time()], {"generation": 0.0, "scoring": 0.0}
+phases = []
 class Clock(TrainerCallback):
     def on_step_end(self, *a, **k):
         times.append(time.time() - mark[0]); mark[0] = time.time()
+        phases.append(dict(spent)); spent.update(generation=0.0, scoring=0.0)
+def timed(fn, key):
+    def wrapper(*a, **k):
+        t = time.time()
+        try:
+            return fn(*a, **k)
+        finally:
+            spent[key] += time.time() - t
+    return wrapper
 lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=rm, value_model=value,
                      train_dataset=Dataset.from_list([{"input_ids": i} for i in ids]), peft_config=lora,
                      callbacks=[Clock()])
+policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
+policy_model.generate = timed(policy_model.generate, "generation")
+rm.model.forward = timed(rm.model.forward, "scoring")   # TRL scores through the backbone, then .score
 mark[0] = time.time()
 trainer.train()
-print(json.dumps({"update_s": statistics.median(times[1:] or times)}))
+steady = slice(1, None) if len(times) > 1 else slice(None)
+med = lambda xs: statistics.median(xs[steady])
+gen, score = med([p["generation"] for p in phases]), med([p["scoring"] for p in phases])
+upd = med(times)
+print(json.dumps({"update_s": upd, "generation_s": gen, "scoring_s": score, "optimisation_s": upd - gen - score}))
 '''
 
 
 def plain(run: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-c", PLAIN, str(run), str(args.updates), str(args.batch),
-                               str(args.response_length), str(args.epochs), str(args.mini_batches), tmp],
-                              cwd=ROOT, capture_output=True, text=True)
+        proc, peak = run_child([sys.executable, "-c", PLAIN, str(run), str(args.updates), str(args.batch),
+                                str(args.response_length), str(args.epochs), str(args.mini_batches), tmp])
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["peak_gb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2
+    result["peak_gb"] = peak
     result["wall_s"] = time.time() - t0
     return result
 
@@ -124,7 +137,8 @@ def main() -> None:
     if args.skip_plain:
         return
     b = plain(run, args)
-    print(f"plain: {b['update_s']:.1f} s/update; peak RSS {b['peak_gb']:.1f} GB (children so far)")
+    print(f"plain: {b['update_s']:.1f} s/update (generation {b['generation_s']:.1f}, scoring {b['scoring_s']:.1f}, "
+          f"rest {b['optimisation_s']:.1f}); peak RSS {b['peak_gb']:.1f} GB")
     print(f"ratio ours/plain = {a['update_s'] / b['update_s']:.2f}")
 
 

@@ -14,11 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-EXIT_ERROR, EXIT_USAGE, EXIT_NOT_IMPLEMENTED = 1, 2, 3
-
-
-class NotImplementedStage(RuntimeError):
-    pass
+EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
 def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
@@ -169,13 +165,14 @@ def dispatch(args) -> int:
         from rlhf.labeling import run_label
 
         run_label(cfg, run_dir, args)
+    elif cmd == "export":
+        from rlhf.export import run_export
+
+        run_export(cfg, run_dir, args.out, args.stage, args.merge)
     elif cmd == "pipeline":
         from rlhf.pipeline import run_pipeline
 
         run_pipeline(cfg, run_dir, args.config, [*args.overrides, *_flag_overrides(args)])
-    else:
-        raise NotImplementedStage(f"`rlhf {cmd}{' ' + args.action if getattr(args, 'action', None) else ''}` "
-                                  "is not implemented yet")
     return 0
 
 
@@ -189,9 +186,6 @@ def main(argv=None) -> int:
     prog = f"rlhf {args.command}"
     try:
         return dispatch(args)
-    except NotImplementedStage as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     except ConfigError as e:
         print(f"{prog}: config error: {e}", file=sys.stderr)
         return EXIT_USAGE

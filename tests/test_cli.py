@@ -7,11 +7,16 @@ def test_help_lists_every_stage():
         assert stage in out
 
 
-def test_unimplemented_commands_say_so_and_fail(tmp_path):
-    for args in (["label", "export", "--run", tmp_path, "--round", "1"], ["export", "--run", tmp_path, "--out", tmp_path / "x"]):
-        proc = rlhf(*args, check=False)
-        assert proc.returncode == 3
-        assert "not implemented yet" in proc.stderr
+def test_label_and_export_on_an_empty_run_name_what_is_missing(tmp_path):
+    cases = [(["label", "serve", "--run", tmp_path, "--round", "1"], "rlhf label export --run"),
+             (["label", "import", "--run", tmp_path, "--round", "1"], "rlhf label export --run"),
+             (["export", "--run", tmp_path, "--out", tmp_path / "x"], "rlhf sft --run")]
+    for args, hint in cases:
+        proc = rlhf(*args, "--model", "tiny", check=False)
+        assert proc.returncode == 1, proc.stderr
+        assert hint in proc.stderr and "Traceback" not in proc.stderr
+    proc = rlhf("label", "export", "--run", tmp_path, "--round", "0", check=False)
+    assert proc.returncode == 2 and "rounds are numbered" in proc.stderr
 
 
 def test_missing_inputs_name_the_command_that_makes_them(tmp_path):

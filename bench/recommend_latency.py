@@ -1,0 +1,62 @@
+"""Latency of one listing from `rlhf recommend` (p50 / p95 over held-out users), with and without
+--constrained decoding, the model loaded once as a service would.
+
+    python bench/recommend_latency.py --run runs/demo [--stage ppo] [--users 20] [--max-new-tokens 112]
+
+Needs a trained run (e.g. after `make demo`). Each call is the whole user-facing path: prompt build,
+greedy generation (batch 1), parse and ground. The first call of each mode is a warm-up and not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    from rlhf.config import load_config
+    from rlhf.evaluate import load_stage_model
+    from rlhf.recommend import recommend
+    from rlhf.runs import RunDir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--config", default=None, help="recipe the run was made with (for model settings)")
+    p.add_argument("--stage", default="ppo", choices=["base", "sft", "ppo"])
+    p.add_argument("--users", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=112)
+    args = p.parse_args()
+    run_dir = Path(args.run)
+    cfg = load_config(args.config or (run_dir / "config.yaml"))
+    run = RunDir(run_dir)
+    k = run.meta()["k"]
+    rows = run.rows("prompts/test.parquet")[: args.users + 1]
+    loaded = load_stage_model(run_dir, args.stage, cfg.model)
+    if loaded is None:
+        raise SystemExit(f"stage {args.stage} is not trained in {run_dir}")
+    import torch
+
+    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; stage {args.stage}, "
+          f"{len(rows) - 1} users, up to {args.max_new_tokens} new tokens, greedy, batch 1")
+    for constrained in (False, True):
+        secs, grounded = [], []
+        for i, r in enumerate(rows):
+            t0 = time.perf_counter()
+            out = recommend(run_dir, cfg.model, args.stage, r["history_ids"], k, constrained, args.max_new_tokens,
+                            prompt=r["prompt"], loaded=loaded)
+            if i:   # the first call warms up
+                secs.append(time.perf_counter() - t0)
+                grounded.append(np.mean([it["in_catalog"] for it in out["items"]]) if out["items"] else 0.0)
+        print(f"{'constrained' if constrained else 'free':>11}: p50 {np.percentile(secs, 50):.2f} s, "
+              f"p95 {np.percentile(secs, 95):.2f} s; items grounded {np.mean(grounded):.2f}")
+
+
+if __name__ == "__main__":
+    main()
