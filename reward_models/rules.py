@@ -45,7 +45,9 @@ def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], cat
     terms = {
         "parses": 1.0,
         "has_k": max(0.0, 1.0 - abs(n - k) / k),
-        "in_catalog": len(grounded) / n,
+        # distinct items only: K copies of one safe catalog title must not earn full catalog credit
+        # (PPO found that hack when duplicates cost less than grounding paid)
+        "in_catalog": len(set(grounded)) / n,
         "no_duplicates": -dupes / n,
         "not_in_history": -sum(i in history for i in grounded) / n,
         "in_candidates": 0.0,

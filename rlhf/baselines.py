@@ -5,6 +5,8 @@ They are the yardstick in evaluation and the retrievers that supply candidates i
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 MAX_EASE_ITEMS = 20_000  # EASE inverts an items x items Gram matrix
@@ -17,14 +19,32 @@ class Recommender:
         self.item_ids = list(item_ids)
         self.index = {iid: j for j, iid in enumerate(self.item_ids)}
 
-    def _matrix(self, pairs):
-        users = sorted({u for u, _, _ in pairs})
-        uidx = {u: k for k, u in enumerate(users)}
-        X = np.zeros((len(users), len(self.item_ids)), dtype=np.float32)
+    def _interactions(self, pairs) -> tuple[np.ndarray, np.ndarray, int]:
+        """Stream (user, item, rating) triples into distinct (user code, item code) arrays, sorted by user.
+        Items outside the catalog are dropped. Compact arrays, never a list of tuples."""
+        users, u_arr, i_arr = {}, array("i"), array("i")
         for u, i, _ in pairs:
-            if i in self.index:
-                X[uidx[u], self.index[i]] = 1.0
-        return X
+            j = self.index.get(i)
+            if j is not None:
+                u_arr.append(users.setdefault(u, len(users)))
+                i_arr.append(j)
+        n = max(len(self.item_ids), 1)
+        key = np.unique(np.frombuffer(u_arr, dtype=np.int32).astype(np.int64) * n + np.frombuffer(i_arr, dtype=np.int32))
+        return key // n, key % n, len(users)
+
+    def _gram(self, u: np.ndarray, i: np.ndarray, n_users: int, chunk: int = 2048) -> np.ndarray:
+        """Item co-occurrence X^T X of the binary user x item matrix, built a block of users at a time so
+        the users x items matrix never exists whole; memory is items x items."""
+        n = len(self.item_ids)
+        G = np.zeros((n, n), dtype=np.float64)
+        bounds = np.searchsorted(u, np.arange(0, n_users + chunk, chunk))
+        for b, (a, z) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if a == z:
+                continue
+            Xc = np.zeros((chunk, n), dtype=np.float32)
+            Xc[u[a:z] - b * chunk, i[a:z]] = 1.0
+            G += Xc.T @ Xc
+        return G
 
     def fit(self, pairs):
         raise NotImplementedError
@@ -59,7 +79,8 @@ class Popularity(Recommender):
     name = "popularity"
 
     def fit(self, pairs):
-        self.counts = self._matrix(pairs).sum(axis=0)
+        _, i, _ = self._interactions(pairs)
+        self.counts = np.bincount(i, minlength=len(self.item_ids)).astype(np.float32)
         return self
 
     def scores(self, history):
@@ -74,15 +95,17 @@ class ItemKNN(Recommender):
         self.neighbours = neighbours
 
     def fit(self, pairs):
-        X = self._matrix(pairs)
-        norms = np.sqrt((X * X).sum(axis=0)) + 1e-8
-        S = (X.T @ X) / np.outer(norms, norms)
+        u, i, n_users = self._interactions(pairs)
+        G = self._gram(u, i, n_users)
+        counts = np.diag(G).copy()          # binary matrix: column sums = diagonal of X^T X
+        norms = np.sqrt(counts) + 1e-8
+        S = G / np.outer(norms, norms)
         np.fill_diagonal(S, 0.0)
         if self.neighbours and self.neighbours < S.shape[0]:
             cut = np.partition(S, -self.neighbours, axis=1)[:, -self.neighbours][:, None]
             S = np.where(S >= cut, S, 0.0)
         self.S = S.astype(np.float32)
-        self.pop = X.sum(axis=0) * 1e-6  # breaks ties toward popular items
+        self.pop = (counts * 1e-6).astype(np.float32)  # breaks ties toward popular items
         return self
 
     def scores(self, history):
@@ -102,14 +125,15 @@ class EASE(Recommender):
         self.l2 = l2
 
     def fit(self, pairs):
-        X = self._matrix(pairs).astype(np.float64)
-        G = X.T @ X
+        u, i, n_users = self._interactions(pairs)
+        G = self._gram(u, i, n_users)
+        counts = np.diag(G).copy()
         G[np.diag_indices_from(G)] += self.l2
         P = np.linalg.inv(G)
         B = P / (-np.diag(P))
         np.fill_diagonal(B, 0.0)
         self.B = B.astype(np.float32)
-        self.pop = X.sum(axis=0).astype(np.float32) * 1e-6
+        self.pop = counts.astype(np.float32) * 1e-6
         return self
 
     def scores(self, history):

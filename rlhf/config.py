@@ -191,7 +191,8 @@ class RuleWeights:
     parses: float = _f(1.0, "listing parses at all")
     has_k: float = _f(1.0, "listing has exactly K items")
     in_catalog: float = _f(1.0, "share of items grounded in the catalog")
-    no_duplicates: float = _f(0.5, "penalty share of duplicate items")
+    no_duplicates: float = _f(1.0, "penalty share of duplicate items (with in_catalog counting distinct "
+                                   "items, a repeated title costs 2x what a new one earns)")
     not_in_history: float = _f(0.5, "penalty share of items the user already has")
     in_candidates: float = _f(1.0, "rerank: share of items from the candidate set")
     explained: float = _f(0.5, "share of items with an explanation tied to the history")

@@ -33,10 +33,10 @@ class Context:
         self.rows = rows[:max_users] if max_users else rows
         if not self.rows:
             raise ValueError(f"no held-out prompts in {run.data / 'prompts' / (split + '.parquet')}")
-        train_hist = [json.loads(l) for l in (run.data / "splits.jsonl").read_text().splitlines() if l.strip()]
-        self.popularity = Counter(i for u in train_hist for i in {h[0] for h in u["history"]})
-        self.n_users = len(train_hist)
-        self.fit_pairs = [(u["user_id"], h[0], h[2] if h[2] is not None else math.nan) for u in train_hist for h in u["history"]]
+        self.popularity, self.n_users = Counter(), 0
+        for u in self._split_rows():
+            self.popularity.update({h[0] for h in u["history"]})
+            self.n_users += 1
         counts = np.array(sorted(self.popularity.get(it.item_id, 0) for it in self.catalog.items))
         self._pop_sorted = counts
         self.features = {it.item_id: set(it.genres) for it in self.catalog.items}
@@ -45,6 +45,18 @@ class Context:
             from rlhf.simulator import Simulator
 
             self.sim = Simulator(self.catalog, seed=self.meta["simulator_seed"])
+
+    def _split_rows(self):
+        with open(self.run.data / "splits.jsonl") as f:   # streamed: one user at a time
+            for line in f:
+                if line.strip():
+                    yield json.loads(line)
+
+    def fit_pairs(self):
+        """(user, item, rating) of every training history, streamed afresh for each baseline fit."""
+        for u in self._split_rows():
+            for h in u["history"]:
+                yield u["user_id"], h[0], h[2] if h[2] is not None else math.nan
 
     def pop_percentile(self, item_id: str) -> float:
         c = self.popularity.get(item_id, 0)
@@ -118,11 +130,11 @@ def baseline_lists(ctx: Context, k: int) -> dict[str, list[list]]:
     for name in ("popularity", "itemknn", "ease"):
         if name == "ease" and len(item_ids) > baselines.MAX_EASE_ITEMS:
             continue
-        model = baselines.make(name, item_ids, ctx.fit_pairs)
+        model = baselines.make(name, item_ids, ctx.fit_pairs())
         out[name] = [model.recommend(r["history_ids"], k, candidates=r["candidate_ids"] if rerank else None)
                      for r in ctx.rows]
     if rerank:
-        retr = baselines.make(ctx.meta["retriever"], item_ids, ctx.fit_pairs)
+        retr = baselines.make(ctx.meta["retriever"], item_ids, ctx.fit_pairs())
         out["retriever_order"] = [retr.recommend(r["history_ids"], k, candidates=r["candidate_ids"]) for r in ctx.rows]
         rng = np.random.default_rng(0)
         out["random_order"] = [list(rng.permutation(r["candidate_ids"]))[:k] for r in ctx.rows]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rlhf import baselines
@@ -75,10 +76,11 @@ def build_sft(ctx: _Context, users: list[UserSplit]) -> list[dict]:
     K only when there are too few. A wide window keeps targets personal rather than retriever-popular."""
     k, rows = ctx.cfg.k, []
     for u in users:
-        if len(u.history) < k + 2:
+        events = u.history  # built once per user from the sequence arrays
+        if len(events) < k + 2:
             continue
-        window = min(2 * k, len(u.history) - 2)
-        prefix, future = u.history[:-window], u.history[-window:]
+        window = min(2 * k, len(events) - 2)
+        prefix, future = events[:-window], events[-window:]
         pos = sorted([e for e in future if is_positive(e.rating, ctx.cfg.positive_rating)],
                      key=lambda e: -(0 if math.isnan(e.rating) else e.rating))
         seen = {e.item_id for e in prefix}
@@ -97,12 +99,13 @@ def build_sft(ctx: _Context, users: list[UserSplit]) -> list[dict]:
 def build_prompts(ctx: _Context, users: list[UserSplit]) -> list[dict]:
     rows = []
     for u in users:
-        shown = _recent(u.history, ctx.cfg.history_len)
+        events = u.history  # built once per user from the sequence arrays
+        shown = _recent(events, ctx.cfg.history_len)
         held = [e.item_id for e in u.heldout]
-        cands = ctx.candidates([e.item_id for e in u.history], held)
+        cands = ctx.candidates([e.item_id for e in events], held)
         msgs, kept = ctx.builder.build(_hist(shown), cands)
         rows.append({"prompt": msgs, "user_id": u.user_id, "split": u.split,
-                     "history_ids": [e.item_id for e in u.history], "heldout_ids": held,
+                     "history_ids": [e.item_id for e in events], "heldout_ids": held,
                      # what the prompt shows (budget-trimmed), for labelers and reports
                      "shown": [{"item_id": i, "rating": None if r is None or math.isnan(r) else float(r)} for i, r in kept],
                      "candidate_ids": cands or [], "cold_start": u.cold_start})
@@ -120,11 +123,12 @@ def build_rating_pairs(ctx: _Context, users: list[UserSplit]) -> list[dict]:
     """Higher- vs lower-rated continuations of the same history (same length, rating gap >= 1)."""
     rows = []
     for u in users:
-        rated = [e for e in u.history if not math.isnan(e.rating)]
+        events = u.history  # built once per user from the sequence arrays
+        rated = [e for e in events if not math.isnan(e.rating)]
         if len(rated) < 6:
             continue
-        cut = len(u.history) - min(2 * ctx.cfg.k, len(u.history) // 2)
-        prefix, future = u.history[:cut], [e for e in u.history[cut:] if not math.isnan(e.rating)]
+        cut = len(events) - min(2 * ctx.cfg.k, len(events) // 2)
+        prefix, future = events[:cut], [e for e in events[cut:] if not math.isnan(e.rating)]
         future = sorted(future, key=lambda e: -e.rating)
         n = min(ctx.cfg.k, len(future) // 2)
         if n < 2:
@@ -141,11 +145,10 @@ def build_rating_pairs(ctx: _Context, users: list[UserSplit]) -> list[dict]:
 
 def build_click_pairs(ctx: _Context, table: pa.Table, seqs: dict, train_users: set[str]) -> list[dict]:
     """Per impression with clicks and skips: the list led by clicked items beats the list led by skipped ones."""
-    ev = table.column("event").to_numpy(zero_copy_only=False)
-    mask = np.isin(ev, ["impression", "click"])
-    if not mask.any():
+    mask = pc.fill_null(pc.is_in(table.column("event"), value_set=pa.array(["impression", "click"])), False)
+    if not pc.any(mask).as_py():
         return []
-    sub = table.filter(pa.array(mask)).to_pydict()
+    sub = table.filter(mask).to_pydict()   # click-log rows only
     groups: dict[str, list[int]] = {}
     for j, imp in enumerate(sub["impression_id"]):
         if sub["user_id"][j] in train_users and imp:
@@ -200,8 +203,9 @@ def build_sim_pairs(ctx: _Context, sim, users: list[UserSplit], n_pairs: int, no
         return rows
     for p in range(n_pairs):
         u = users[p % len(users)]
+        events = u.history
         user = sim.user(u.user_id)
-        hist_ids = [e.item_id for e in u.history]
+        hist_ids = [e.item_id for e in events]
         a, b = rng.choice(len(SIM_STRATEGIES), size=2, replace=False)
         la = _strategy_list(SIM_STRATEGIES[a], ctx, sim, user, hist_ids, k, rng)
         lb = _strategy_list(SIM_STRATEGIES[b], ctx, sim, user, hist_ids, k, rng)
@@ -210,7 +214,7 @@ def build_sim_pairs(ctx: _Context, sim, users: list[UserSplit], n_pairs: int, no
         pick = sim.label(user, la, lb, set(hist_ids), k, rng, noise)
         chosen, rejected = (la, lb) if pick == 0 else (lb, la)
         names = (SIM_STRATEGIES[a], SIM_STRATEGIES[b]) if pick == 0 else (SIM_STRATEGIES[b], SIM_STRATEGIES[a])
-        shown = _hist(_recent(u.history, ctx.cfg.history_len))
+        shown = _hist(_recent(events, ctx.cfg.history_len))
         rows.append(_pair(ctx, shown, chosen, rejected, "simulator", u.user_id, labeler=f"sim-{p % 5}",
                           chosen_strategy=names[0], rejected_strategy=names[1]))
     return rows
@@ -219,8 +223,6 @@ def build_sim_pairs(ctx: _Context, sim, users: list[UserSplit], n_pairs: int, no
 def _filter_users(table: pa.Table, cfg, skips: SkipLog, rng) -> pa.Table:
     """Keep users with at least data.min_history consumption events (and at most data.max_users of them),
     working on Arrow columns so no per-row Python objects exist before the table is small."""
-    import pyarrow.compute as pc
-
     from rlhf.splits import CONSUMPTION
 
     consumed = table.filter(pc.is_in(table.column("event"), pa.array(CONSUMPTION)))
@@ -266,8 +268,9 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
     pq.write_table(table, data_dir / "interactions.parquet")
     with open(data_dir / "splits.jsonl", "w") as f:
         for u in splits:
+            events = u.history  # built once per user from the sequence arrays
             f.write(json.dumps({"user_id": u.user_id, "split": u.split, "cold_start": u.cold_start,
-                                "history": [[e.item_id, e.timestamp, None if math.isnan(e.rating) else e.rating] for e in u.history],
+                                "history": [[e.item_id, e.timestamp, None if math.isnan(e.rating) else e.rating] for e in events],
                                 "heldout": [e.item_id for e in u.heldout]}) + "\n")
 
     counts = {

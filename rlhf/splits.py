@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 CONSUMPTION = ("rating", "view", "purchase", "to_read")
 
@@ -23,32 +24,89 @@ class Event:
     rating: float  # NaN when unknown
 
 
+class Sequences:
+    """Every user's consumption events in time order (ties keep file order), held as numpy columns.
+
+    Users and items are dictionary-encoded, so 25M interactions cost ~25 bytes each in four arrays
+    instead of 25M Python objects; ``events(start, stop)`` builds the few Event objects a caller needs.
+    Iterates user ids in sorted order; ``seqs[user]`` gives that user's events as a list.
+    """
+
+    def __init__(self, table: pa.Table):
+        mask = pc.is_in(table.column("event"), value_set=pa.array(CONSUMPTION))
+        sub = table.filter(pc.fill_null(mask, False))
+        users = pc.dictionary_encode(sub.column("user_id")).combine_chunks()
+        items = pc.dictionary_encode(sub.column("item_id")).combine_chunks()
+        self.user_ids = users.dictionary.to_pylist()      # one string per user, not per event
+        self.item_ids = items.dictionary.to_pylist()
+        user_codes = users.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+        rank = np.empty(len(self.user_ids), dtype=np.int64)
+        rank[np.argsort(np.array(self.user_ids, dtype=object), kind="stable")] = np.arange(len(self.user_ids))
+        ts = sub.column("timestamp").to_numpy().astype(np.int64)
+        order = np.lexsort([np.arange(len(ts)), ts, rank[user_codes]])
+        self.users = user_codes[order]
+        self.items = items.indices.to_numpy(zero_copy_only=False).astype(np.int32)[order]
+        self.timestamps = ts[order]
+        self.ratings = sub.column("rating").to_numpy(zero_copy_only=False).astype(np.float64)[order]
+        starts = np.flatnonzero(np.r_[True, self.users[1:] != self.users[:-1]]) if len(order) else np.array([], int)
+        stops = np.r_[starts[1:], len(order)].astype(np.int64)
+        self._span = {self.user_ids[self.users[a]]: (int(a), int(b)) for a, b in zip(starts, stops)}
+
+    def __len__(self) -> int:
+        return len(self._span)
+
+    def __iter__(self):
+        return iter(self._span)   # built in sorted-user order
+
+    def __contains__(self, user_id) -> bool:
+        return user_id in self._span
+
+    def span(self, user_id: str) -> tuple[int, int]:
+        return self._span[user_id]
+
+    def events(self, start: int, stop: int) -> list[Event]:
+        return [Event(self.item_ids[self.items[j]], int(self.timestamps[j]), float(self.ratings[j]))
+                for j in range(start, stop)]
+
+    def __getitem__(self, user_id: str) -> list[Event]:
+        return self.events(*self._span[user_id])
+
+    def get(self, user_id: str, default=None):
+        return self[user_id] if user_id in self._span else default
+
+
+def sequences(table: pa.Table) -> Sequences:
+    return Sequences(table)
+
+
 @dataclass
 class UserSplit:
+    """One user's role and the ranges of their sequence that are history and held-out; the Event lists
+    are built when read, so a list of UserSplits stays small however long the histories are."""
+
     user_id: str
     split: str  # train | val | test
-    history: list[Event]
-    heldout: list[Event] = field(default_factory=list)
+    seqs: Sequences = field(repr=False)
+    start: int
+    cut: int
+    stop: int
     cold_start: bool = False
 
     @property
+    def history(self) -> list[Event]:
+        return self.seqs.events(self.start, self.cut)
+
+    @property
+    def heldout(self) -> list[Event]:
+        return self.seqs.events(self.cut, self.stop)
+
+    @property
+    def history_len(self) -> int:
+        return self.cut - self.start
+
+    @property
     def seen(self) -> set[str]:
-        return {e.item_id for e in self.history}
-
-
-def sequences(table: pa.Table) -> dict[str, list[Event]]:
-    """user_id -> consumption events in time order (ties keep file order)."""
-    ev = table.column("event").to_numpy(zero_copy_only=False)
-    mask = np.isin(ev, CONSUMPTION)
-    users = table.column("user_id").to_numpy(zero_copy_only=False)[mask]
-    items = table.column("item_id").to_numpy(zero_copy_only=False)[mask]
-    ts = table.column("timestamp").to_numpy()[mask]
-    ratings = table.column("rating").to_numpy()[mask]
-    order = np.lexsort([np.arange(len(ts)), ts, users])
-    out: dict[str, list[Event]] = {}
-    for j in order:
-        out.setdefault(users[j], []).append(Event(items[j], int(ts[j]), float(ratings[j])))
-    return out
+        return {self.seqs.item_ids[c] for c in self.seqs.items[self.start:self.cut]}
 
 
 def assign_users(user_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
@@ -60,35 +118,38 @@ def assign_users(user_ids: list[str], val_fraction: float, test_fraction: float,
     return {u: ("test" if k < n_test else "val" if k < n_test + n_val else "train") for k, u in enumerate(ids)}
 
 
-def split_users(seqs: dict[str, list[Event]], method: str, holdout: int, val_fraction: float, test_fraction: float,
+def split_users(seqs: Sequences, method: str, holdout: int, val_fraction: float, test_fraction: float,
                 cold_start_max: int, seed: int) -> list[UserSplit]:
     roles = assign_users(list(seqs), val_fraction, test_fraction, seed)
     cutoff = None
     if method == "temporal":
-        all_ts = np.array([e.timestamp for s in seqs.values() for e in s])
+        all_ts = seqs.timestamps
         cutoff = int(np.quantile(all_ts, 1.0 - test_fraction)) if len(all_ts) else 0
     out = []
     for uid in sorted(seqs):
-        seq = seqs[uid]
+        start, stop = seqs.span(uid)
         role = roles[uid]
         if role == "train":
-            hist, held = seq, []
+            cut, end = stop, stop
         elif method == "temporal":
-            hist = [e for e in seq if e.timestamp <= cutoff]
-            held = [e for e in seq if e.timestamp > cutoff][:holdout]
-            if not hist or not held:  # nothing on one side of the cutoff: evaluate by leave-last-out
-                hist, held = seq[:-holdout], seq[-holdout:]
+            cut = start + int(np.searchsorted(seqs.timestamps[start:stop], cutoff, side="right"))
+            end = min(cut + holdout, stop)
+            if cut == start or cut == stop:  # nothing on one side of the cutoff: evaluate by leave-last-out
+                cut, end = max(stop - holdout, start), stop
         else:
-            hist, held = seq[:-holdout], seq[-holdout:]
-        if not hist:
+            cut, end = max(stop - holdout, start), stop
+        if cut == start:
             continue
-        out.append(UserSplit(uid, role, hist, held, cold_start=len(hist) <= cold_start_max))
+        out.append(UserSplit(uid, role, seqs, start, cut, end, cold_start=cut - start <= cold_start_max))
     return out
 
 
-def train_pairs(splits: list[UserSplit]) -> list[tuple[str, str, float]]:
-    """(user, item, rating) pairs the baselines may be fit on: every history, no held-out item."""
-    return [(u.user_id, e.item_id, e.rating) for u in splits for e in u.history]
+def train_pairs(splits: list[UserSplit]):
+    """(user, item, rating) triples the baselines may be fit on: every history, no held-out item.
+    A generator: callers stream it (the baselines fill their matrix from it) instead of holding a list."""
+    for u in splits:
+        for j in range(u.start, u.cut):
+            yield u.user_id, u.seqs.item_ids[u.seqs.items[j]], float(u.seqs.ratings[j])
 
 
 def is_positive(rating: float, threshold: float) -> bool:

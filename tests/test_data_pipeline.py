@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rlhf import baselines
@@ -8,7 +9,7 @@ from rlhf.catalog import Catalog
 from rlhf.metrics import hit_rate
 from rlhf.prompts import PromptBuilder, sanitize
 from rlhf.simulator import Simulator
-from rlhf.splits import Event, split_users
+from rlhf.splits import sequences, split_users
 
 from conftest import read_jsonl
 
@@ -33,7 +34,11 @@ def test_simulator_is_deterministic_and_utility_orders_lists():
 
 
 def test_splits_hold_out_test_items_from_training():
-    seqs = {f"u{i}": [Event(f"i{j}", 100 * i + j, 4.0) for j in range(6)] for i in range(20)}
+    rows = [(f"u{i}", f"i{j}", 100 * i + j, 4.0) for i in range(20) for j in reversed(range(6))]   # out of time order
+    seqs = sequences(pa.table({"user_id": [r[0] for r in rows], "item_id": [r[1] for r in rows],
+                               "timestamp": [r[2] for r in rows], "rating": [r[3] for r in rows],
+                               "event": ["rating"] * len(rows)}))
+    assert len(seqs) == 20 and [e.item_id for e in seqs["u3"]] == [f"i{j}" for j in range(6)]
     splits = split_users(seqs, "leave-last-out", 1, 0.1, 0.2, 3, seed=0)
     roles = {u.split for u in splits}
     assert roles == {"train", "val", "test"}

@@ -54,10 +54,18 @@ def test_rule_terms_on_crafted_listings(catalog):
                            "4. Blorp Zorp (2030) — horror", catalog)
     t = rule_terms(bad, 3, history, catalog)
     assert t["has_k"] == pytest.approx(2 / 3)
-    assert t["in_catalog"] == 0.75
+    assert t["in_catalog"] == 0.5  # Alien and Aliens: a repeat earns no catalog credit
     assert t["no_duplicates"] == -0.25 and t["not_in_history"] == -0.25
     assert t["explained"] == 0.25  # only "horror" ties to the history's genres
     assert rule_terms([], 3, history, catalog)["parses"] == 0.0
+    # the reward hack PPO found: K copies of one catalog title must score below K distinct titles
+    from reward_models.rules import weighted_sum
+    from rlhf.config import RuleWeights
+
+    same = parse_and_ground("1. Aliens (1986) — sci-fi horror like Alien\n2. Aliens (1986) — sci-fi horror like Alien\n"
+                            "3. Aliens (1986) — sci-fi horror like Alien", catalog)
+    w = RuleWeights()
+    assert weighted_sum(rule_terms(good, 3, history, catalog), w) - weighted_sum(rule_terms(same, 3, history, catalog), w) >= 1.0
     cands = _ids(catalog, "Aliens", "Predator")
     t = rule_terms(good, 3, history, catalog, candidate_ids=cands)
     assert t["in_candidates"] == pytest.approx(-1 / 3)
