@@ -59,9 +59,6 @@ def test_rule_terms_on_crafted_listings(catalog):
     assert t["explained"] == 0.25  # only "horror" ties to the history's genres
     assert rule_terms([], 3, history, catalog)["parses"] == 0.0
     # the reward hack PPO found: K copies of one catalog title must score below K distinct titles
-    from reward_models.rules import weighted_sum
-    from rlhf.config import RuleWeights
-
     same = parse_and_ground("1. Aliens (1986) — sci-fi horror like Alien\n2. Aliens (1986) — sci-fi horror like Alien\n"
                             "3. Aliens (1986) — sci-fi horror like Alien", catalog)
     w = RuleWeights()
