@@ -41,7 +41,9 @@ def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], cat
     ids = [e.item_id for e in entries]
     grounded = [i for i in ids if i is not None]
     history = set(history_ids)
-    dupes = len(grounded) - len(set(grounded))
+    # a repeat is a repeat whether or not the title is in the catalog
+    keys = [e.item_id or f"title:{normalise(e.title)}" for e in entries]
+    dupes = n - len(set(keys))
     terms = {
         "parses": 1.0,
         "has_k": max(0.0, 1.0 - abs(n - k) / k),

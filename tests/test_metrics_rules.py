@@ -61,6 +61,9 @@ def test_rule_terms_on_crafted_listings(catalog):
     # the reward hack PPO found: K copies of one catalog title must score below K distinct titles
     same = parse_and_ground("1. Aliens (1986) — sci-fi horror like Alien\n2. Aliens (1986) — sci-fi horror like Alien\n"
                             "3. Aliens (1986) — sci-fi horror like Alien", catalog)
+    made_up = parse_and_ground("1. Blorp Zorp (2030) — horror like Alien\n2. Blorp Zorp (2030) — horror like Alien\n"
+                               "3. Aliens (1986) — sci-fi horror like Alien", catalog)
+    assert rule_terms(made_up, 3, history, catalog)["no_duplicates"] == pytest.approx(-1 / 3)   # repeats off-catalog too
     w = RuleWeights()
     assert weighted_sum(rule_terms(good, 3, history, catalog), w) - weighted_sum(rule_terms(same, 3, history, catalog), w) >= 1.0
     cands = _ids(catalog, "Aliens", "Predator")
