@@ -33,7 +33,7 @@ def ours(run: Path, args) -> dict:
         cmd = [sys.executable, "-m", "rlhf", "ppo", "--run", str(work), "--config", args.config,
                f"ppo.total_updates={args.updates}", f"ppo.batch_size={args.batch}", f"ppo.response_length={args.response_length}",
                f"ppo.ppo_epochs={args.epochs}", f"ppo.mini_batches={args.mini_batches}", "ppo.checkpoint_every=1000",
-               f"ppo.value_layers={args.value_layers}"]
+               f"ppo.value_layers={args.value_layers}", f"ppo.temperature={args.temperature}"]
         t0 = time.time()
         proc, peak = run_child(cmd)
         if proc.returncode:
@@ -55,7 +55,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 import pyarrow.parquet as pq
 
-run, updates, batch, resp, epochs, minis, out = sys.argv[1:8]
+run, updates, batch, resp, epochs, minis, out, temp = sys.argv[1:9]
+temp = float(temp)
 updates, batch, resp, epochs, minis = map(int, (updates, batch, resp, epochs, minis))
 tok = AutoTokenizer.from_pretrained(f"{run}/sft/merged"); tok.padding_side = "left"
 rows = pq.read_table(f"{run}/data/prompts/train.parquet").to_pylist()
@@ -68,7 +69,7 @@ for m in (rm, value):
     m.config.pad_token_id = tok.pad_token_id
 args = PPOConfig(output_dir=out, learning_rate=1e-4, per_device_train_batch_size=batch // minis,
                  gradient_accumulation_steps=minis, num_mini_batches=minis, num_ppo_epochs=epochs,
-                 total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp,
+                 total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp, temperature=temp,
                  stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[], bf16=False,
                  use_cpu=True, gradient_checkpointing=False)
 times, mark, spent = [], [time.time()], {"generation": 0.0, "scoring": 0.0}
@@ -107,7 +108,8 @@ def plain(run: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         proc, peak = run_child([sys.executable, "-c", PLAIN, str(run), str(args.updates), str(args.batch),
-                                str(args.response_length), str(args.epochs), str(args.mini_batches), tmp])
+                                str(args.response_length), str(args.epochs), str(args.mini_batches), tmp,
+                                str(args.temperature)])
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,6 +128,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--response-length", type=int, default=96)
     p.add_argument("--value-layers", type=int, default=6)
+    p.add_argument("--temperature", type=float, default=0.5, help="rollout temperature, the same for both")
     p.add_argument("--skip-plain", action="store_true")
     args = p.parse_args()
     run = Path(args.run)
