@@ -245,7 +245,7 @@ def _label_all(port, token, acked: list, stop: threading.Event | None = None, re
     while stop is None or not stop.is_set():
         try:
             status, row = request(port, "GET", "/api/next", token=token)
-        except OSError:
+        except (OSError, http.client.HTTPException):   # the server was killed mid-answer: not acknowledged
             return
         if status == 204:
             return
@@ -256,7 +256,7 @@ def _label_all(port, token, acked: list, stop: threading.Event | None = None, re
             status, _ = request(port, "POST", "/api/judgments", token=token, body=body)
             if n % retry_every == 0:     # a client that did not see the answer sends it again
                 assert request(port, "POST", "/api/judgments", token=token, body=body)[0] == 200
-        except OSError:
+        except (OSError, http.client.HTTPException):   # the server was killed mid-answer: not acknowledged
             return
         assert status in (200, 201), status
         acked.append((token, row["prompt_id"]))
