@@ -198,7 +198,8 @@ def run_export(cfg, run_dir: Path, out: Path, stage: str, merge: bool) -> dict:
         shutil.copytree(PROMPTS_DIR / template, tmp / "prompts" / template)
     rows = run.rows("prompts/test.parquet") or run.rows("prompts/val.parquet")
     system_prompt = next((m["content"] for m in rows[0]["prompt"] if m["role"] == "system"), "") if rows else ""
-    metrics = (_read_json(run_dir / "eval" / "metrics.json") or {}).get("stages", {})
+    eval_results = _read_json(run_dir / "eval" / "metrics.json") or {}
+    metrics = eval_results.get("stages", {})
     stages_trained = [s for s in ("sft", "reward", "ppo") if run.done(s)]
     info = {
         "stage": stage, "k": meta["k"], "noun": meta.get("noun", "items"), "run": str(run_dir),
@@ -206,7 +207,7 @@ def run_export(cfg, run_dir: Path, out: Path, stage: str, merge: bool) -> dict:
         "base_model": form["base_model"], "base_origin": ORIGINS.get(cfg.model.name, cfg.model.name),
         "form": form["form"], "load": form["load"], "system_prompt": system_prompt, "template": template,
         "max_new_tokens": cfg.eval.max_new_tokens, "metrics": metrics,
-        "eval_split": (_read_json(run_dir / "eval" / "metrics.json") or {}).get("split", "-"),
+        "eval_split": eval_results.get("split", "-"),
         "examples": _examples(run_dir, stage),
         "data_line": f"source `{meta.get('source')}`, {meta.get('users', '?')} users, {meta.get('items', '?')} items, "
                      f"K={meta['k']}, mode `{meta.get('mode')}`.",

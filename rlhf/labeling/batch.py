@@ -20,6 +20,9 @@ from rlhf.labeling import round_dir, round_name
 from rlhf.runs import MissingInput, RunDir
 
 SPECIAL = ("tie", "both_bad")
+# where each stage's weights live (the base model by name, trained stages in the run directory)
+WEIGHTS = {"base": lambda run_dir, cfg: cfg.model.name, "sft": lambda run_dir, cfg: run_dir / "sft" / "merged",
+           "ppo": lambda run_dir, cfg: run_dir / "ppo" / "adapter"}
 
 
 @dataclass
@@ -110,7 +113,7 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
 
     stages, slots = [], {}
     for s in lc.stages:
-        if (run_dir / {"base": "data", "sft": "sft/merged", "ppo": "ppo/adapter"}[s]).exists():
+        if s == "base" or run.done(s):
             stages.append(s)
         else:
             notes.append(f"stage {s}: not trained in this run, no candidates from it")
@@ -164,8 +167,7 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
         "round": round_no, "batch_id": batch_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "split": lc.split, "seed": seed, "prompts": len(batch_rows), "candidates_per_prompt": lc.candidates,
         "temperature": lc.temperature, "max_new_tokens": lc.max_new_tokens, "base_model": cfg.model.name,
-        "stages": {s: {"path": str(run_dir / {"base": "data", "sft": "sft/merged", "ppo": "ppo/adapter"}[s]),
-                       "digest": _digest(run_dir / {"sft": "sft/merged", "ppo": "ppo/adapter"}[s]) if s != "base" else None}
+        "stages": {s: {"path": str(WEIGHTS[s](run_dir, cfg)), "digest": None if s == "base" else _digest(WEIGHTS[s](run_dir, cfg))}
                    for s in stages},
         "notes": notes,
     }

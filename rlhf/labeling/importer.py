@@ -71,7 +71,8 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
     prov_path = out / "provenance.jsonl"
     prov = {}
     if prov_path.exists():
-        prov = {p["prompt_id"]: p["candidates"] for p in map(json.loads, prov_path.read_text().splitlines()) if p}
+        prov = {p["prompt_id"]: p["candidates"]
+                for p in (json.loads(line) for line in prov_path.read_text().splitlines() if line.strip())}
     records, counts = read_judgments(out / "judgments.jsonl")
     counts["read"] = len(records)
     keys, decided = set(), {}

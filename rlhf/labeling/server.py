@@ -19,6 +19,7 @@ import json
 import re
 import secrets
 from pathlib import Path
+from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -92,11 +93,7 @@ class TokenAuth:
                 if scheme.lower() == "bearer":
                     supplied = value.strip()
         if supplied is None and scope.get("path") == "/" and scope.get("method") == "GET":
-            for part in scope.get("query_string", b"").decode("latin-1").split("&"):
-                if part.startswith("token="):
-                    from urllib.parse import unquote
-
-                    supplied = unquote(part[6:])
+            supplied = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [None])[-1]
         if not supplied:
             return None
         for tok, name in self.tokens.items():   # constant time per token
