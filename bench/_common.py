@@ -20,3 +20,12 @@ def run_child(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
         out.seek(0)
         err.seek(0)
         return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024 ** 2
+
+
+def device() -> str:
+    """What the benchmark ran on, for the printed figures: the GPU's name, or the CPU count."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs"
+    return f"CPU only, {os.cpu_count()} CPUs"

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, run_child
+from _common import ROOT, device, run_child
 
 
 def ours(run: Path, args) -> dict:
@@ -33,7 +33,8 @@ def ours(run: Path, args) -> dict:
         cmd = [sys.executable, "-m", "rlhf", "ppo", "--run", str(work), "--config", args.config,
                f"ppo.total_updates={args.updates}", f"ppo.batch_size={args.batch}", f"ppo.response_length={args.response_length}",
                f"ppo.ppo_epochs={args.epochs}", f"ppo.mini_batches={args.mini_batches}", "ppo.checkpoint_every=1000",
-               f"ppo.value_layers={args.value_layers}", f"ppo.temperature={args.temperature}"]
+               f"ppo.value_layers={args.value_layers}", f"ppo.temperature={args.temperature}",
+               f"model.dtype={args.dtype}"]
         t0 = time.time()
         proc, peak = run_child(cmd)
         if proc.returncode:
@@ -44,7 +45,7 @@ def ours(run: Path, args) -> dict:
             "generation_s": statistics.median(r["time/generation_s"] for r in steady),
             "scoring_s": statistics.median(r["time/scoring_s"] for r in steady),
             "optimisation_s": statistics.median(r["time/optimisation_s"] for r in steady),
-            "peak_gb": peak, "wall_s": time.time() - t0}
+            "peak_gb": peak, "wall_s": time.time() - t0, "gpu_peak_gb": rows[-1].get("memory/gpu_peak_gb")}
 
 
 PLAIN = r'''
@@ -55,23 +56,25 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 import pyarrow.parquet as pq
 
-run, updates, batch, resp, epochs, minis, out, temp = sys.argv[1:9]
+run, updates, batch, resp, epochs, minis, out, temp, dtype = sys.argv[1:10]
 temp = float(temp)
+cuda = torch.cuda.is_available()
+dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
 updates, batch, resp, epochs, minis = map(int, (updates, batch, resp, epochs, minis))
 tok = AutoTokenizer.from_pretrained(f"{run}/sft/merged"); tok.padding_side = "left"
 rows = pq.read_table(f"{run}/data/prompts/train.parquet").to_pylist()
 ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True) for r in rows]
 ids = [list(i["input_ids"] if hasattr(i, "keys") else i) for i in ids]
-policy = AutoModelForCausalLM.from_pretrained(f"{run}/sft/merged")
-rm = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1)
-value = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1)
+policy = AutoModelForCausalLM.from_pretrained(f"{run}/sft/merged", dtype=dtype)
+rm = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1, dtype=dtype)
+value = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1, dtype=dtype)
 for m in (rm, value):
     m.config.pad_token_id = tok.pad_token_id
 args = PPOConfig(output_dir=out, learning_rate=1e-4, per_device_train_batch_size=batch // minis,
                  gradient_accumulation_steps=minis, num_mini_batches=minis, num_ppo_epochs=epochs,
                  total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp, temperature=temp,
-                 stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[], bf16=False,
-                 use_cpu=True, gradient_checkpointing=False)
+                 stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[],
+                 bf16=dtype == torch.bfloat16, use_cpu=not cuda, gradient_checkpointing=False)
 times, mark, spent = [], [time.time()], {"generation": 0.0, "scoring": 0.0}
 phases = []
 class Clock(TrainerCallback):
@@ -100,7 +103,9 @@ steady = slice(1, None) if len(times) > 1 else slice(None)
 med = lambda xs: statistics.median(xs[steady])
 gen, score = med([p["generation"] for p in phases]), med([p["scoring"] for p in phases])
 upd = med(times)
-print(json.dumps({"update_s": upd, "generation_s": gen, "scoring_s": score, "optimisation_s": upd - gen - score}))
+gpu = round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None
+print(json.dumps({"update_s": upd, "generation_s": gen, "scoring_s": score, "optimisation_s": upd - gen - score,
+                  "gpu_peak_gb": gpu}))
 '''
 
 
@@ -109,13 +114,17 @@ def plain(run: Path, args) -> dict:
         t0 = time.time()
         proc, peak = run_child([sys.executable, "-c", PLAIN, str(run), str(args.updates), str(args.batch),
                                 str(args.response_length), str(args.epochs), str(args.mini_batches), tmp,
-                                str(args.temperature)])
+                                str(args.temperature), args.dtype])
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["peak_gb"] = peak
     result["wall_s"] = time.time() - t0
     return result
+
+
+def _gpu(result: dict) -> str:
+    return f", GPU peak {result['gpu_peak_gb']:.1f} GB" if result.get("gpu_peak_gb") is not None else ""
 
 
 def main() -> None:
@@ -129,19 +138,25 @@ def main() -> None:
     p.add_argument("--response-length", type=int, default=96)
     p.add_argument("--value-layers", type=int, default=6)
     p.add_argument("--temperature", type=float, default=0.5, help="rollout temperature, the same for both")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights and compute for both (auto: bfloat16 on a GPU, float32 on CPU)")
     p.add_argument("--skip-plain", action="store_true")
     args = p.parse_args()
+    if args.dtype == "auto":
+        import torch
+
+        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     run = Path(args.run)
-    print(f"machine: {os.cpu_count()} CPUs; batch {args.batch} x {args.response_length} new tokens, "
+    print(f"machine: {device()}; {args.dtype}; batch {args.batch} x {args.response_length} new tokens, "
           f"{args.epochs} epochs x {args.mini_batches} mini-batches, {args.updates} updates (first is warm-up)")
     a = ours(run, args)
     print(f"ours : {a['update_s']:.1f} s/update (generation {a['generation_s']:.1f}, scoring {a['scoring_s']:.1f}, "
-          f"optimisation {a['optimisation_s']:.1f}); peak RSS {a['peak_gb']:.1f} GB")
+          f"optimisation {a['optimisation_s']:.1f}); peak RSS {a['peak_gb']:.1f} GB{_gpu(a)}")
     if args.skip_plain:
         return
     b = plain(run, args)
     print(f"plain: {b['update_s']:.1f} s/update (generation {b['generation_s']:.1f}, scoring {b['scoring_s']:.1f}, "
-          f"rest {b['optimisation_s']:.1f}); peak RSS {b['peak_gb']:.1f} GB")
+          f"rest {b['optimisation_s']:.1f}); peak RSS {b['peak_gb']:.1f} GB{_gpu(b)}")
     print(f"ratio ours/plain = {a['update_s'] / b['update_s']:.2f}")
 
 

@@ -10,7 +10,6 @@ greedy generation (batch 1), parse and ground. The first call of each mode is a 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _common import device  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
         raise SystemExit(f"stage {args.stage} is not trained in {run_dir}")
     import torch
 
-    print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; stage {args.stage}, "
+    print(f"machine: {device()}, torch threads {torch.get_num_threads()}; stage {args.stage}, "
           f"{len(rows) - 1} users, up to {args.max_new_tokens} new tokens, greedy, batch 1")
     for constrained in (False, True):
         secs, grounded = [], []

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, run_child
+from _common import ROOT, device, run_child
 
 
 def main() -> None:
@@ -25,22 +25,29 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "recipes" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 on a GPU, float32 on CPU")
     args = p.parse_args()
+    if args.dtype == "auto":
+        import torch
+
+        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "run"
         work.mkdir()
         os.symlink((Path(args.run) / "data").resolve(), work / "data")
         proc, peak = run_child([sys.executable, "-m", "rlhf", "sft", "--run", str(work), "--config", args.config,
                                 f"sft.max_steps={args.steps}", f"sft.batch_size={args.batch}", "sft.num_samples=1",
-                                "sft.logging_steps=1"])
+                                "sft.logging_steps=1", f"model.dtype={args.dtype}"])
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         log = [json.loads(l) for l in (work / "sft" / "log.jsonl").read_text().splitlines()]
-    final = next(r for r in reversed(log) if "train_runtime" in r)
-    tokens, secs = final["num_tokens"], final["train_runtime"]
-    print(f"machine: {os.cpu_count()} CPUs; {args.steps} steps x batch {args.batch}")
+        gpu = json.loads((work / "sft" / "metrics.json").read_text()).get("gpu_peak_gb")
+    secs = next(r for r in reversed(log) if "train_runtime" in r)["train_runtime"]
+    tokens = next(r for r in reversed(log) if "num_tokens" in r)["num_tokens"]   # a step log, not the summary
+    print(f"machine: {device()}; {args.dtype}; {args.steps} steps x batch {args.batch}")
     print(f"sft: {tokens:.0f} tokens in {secs:.1f} s = {tokens / secs:.0f} tokens/s; "
-          f"{secs / args.steps:.2f} s/step; peak RSS {peak:.1f} GB")
+          f"{secs / args.steps:.2f} s/step; peak RSS {peak:.1f} GB" + (f", GPU peak {gpu:.1f} GB" if gpu else ""))
 
 
 if __name__ == "__main__":

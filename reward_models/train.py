@@ -16,6 +16,7 @@ from pathlib import Path
 from reward_models.encoding import encode, score_sequences
 from reward_models.pairs import balance, load_pairs, source_family, split_by_user
 from rlhf.config import Config, save_resolved
+from rlhf.models import gpu_peak_gb
 from rlhf.runs import RunDir
 
 
@@ -132,7 +133,8 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
                "pairs": {"read": report["read"], "dropped": report["dropped"], "train": len(train_ex),
                          "val": len(val_ex), "too_long": long_train + long_val},
                "val_accuracy": acc["overall"], "val_by_source": acc["by_source"],
-               "val_mean_margin": acc.get("mean_margin"), "train_accuracy_sample": train_acc["overall"]}
+               "val_mean_margin": acc.get("mean_margin"), "train_accuracy_sample": train_acc["overall"],
+               "gpu_peak_gb": gpu_peak_gb()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     per = ", ".join(f"{s}={v['accuracy']:.3f} (n={v['n']})" for s, v in acc["by_source"].items())
     print(f"reward: {metrics['steps']} steps in {seconds:.0f}s; held-out accuracy {acc['overall']:.3f} [{per}]")

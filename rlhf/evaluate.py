@@ -143,11 +143,11 @@ def baseline_lists(ctx: Context, k: int) -> dict[str, list[list]]:
 
 def load_stage_model(run_dir: Path, stage: str, model_cfg):
     """(model, tokenizer) for base, sft or ppo; None when the stage has not been trained."""
-    from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
+    from rlhf.models import load_causal_lm, load_tokenizer, on_device, resolve_model
 
     if stage == "base":
         path = resolve_model(model_cfg.name)
-        return load_causal_lm(path, model_cfg.dtype), load_tokenizer(path)
+        return on_device(load_causal_lm(path, model_cfg.dtype)), load_tokenizer(path)
     merged = run_dir / "sft" / "merged"
     if not merged.exists():
         return None
@@ -159,7 +159,7 @@ def load_stage_model(run_dir: Path, stage: str, model_cfg):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
-    return model, load_tokenizer(str(merged))
+    return on_device(model), load_tokenizer(str(merged))
 
 
 def response_kl(model, tokenizer, prompts, texts) -> float | None:
@@ -174,12 +174,12 @@ def response_kl(model, tokenizer, prompts, texts) -> float | None:
     model.eval()
     for p, t in zip(prompts, texts):
         q, r = prompt_ids(tokenizer, p), response_ids(tokenizer, t)
-        ids = torch.tensor([q + r])
+        ids = torch.tensor([q + r], device=model.device)
         with torch.no_grad():
             lp = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1:-1].float(), -1)
             with model.disable_adapter():
                 lr = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1:-1].float(), -1)
-        tok = torch.tensor(r)
+        tok = torch.tensor(r, device=lp.device)
         vals.append(float((lp[range(len(r)), tok] - lr[range(len(r)), tok]).sum()))
     return float(np.mean(vals)) if vals else None
 
@@ -258,9 +258,9 @@ def _load_composite(run_dir: Path, ctx: Context, cfg: Config):
         return None
     from reward_models.composite import CompositeReward
     from reward_models.train import load_reward_model
-    from rlhf.models import load_tokenizer
+    from rlhf.models import load_tokenizer, on_device
 
     tokenizer = load_tokenizer(str(rm))
-    model = load_reward_model(rm, cfg.model.dtype)
+    model = on_device(load_reward_model(rm, cfg.model.dtype))
     model.config.pad_token_id = tokenizer.pad_token_id
     return CompositeReward(model, tokenizer, ctx.catalog, ctx.meta["k"], cfg.ppo.rules, cfg.ppo.reward_model_weight)

@@ -184,6 +184,25 @@ def load_causal_lm(path: str, dtype: str = "float32", load_in_4bit: bool = False
     return model
 
 
+def on_device(model):
+    """Put a model used for inference (eval, recommend, labeling) on this process's GPU when there is one;
+    a quantized model already sits where its device_map put it."""
+    import torch
+
+    if torch.cuda.is_available() and getattr(model, "hf_device_map", None) is None:
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    return model
+
+
+def gpu_peak_gb() -> float | None:
+    """Peak GPU memory this process has allocated through torch, in GB (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2)
+
+
 def lora_config(model_cfg, task_type: str = "CAUSAL_LM"):
     """PEFT LoRA config from a ModelConfig; the reward head is trained and saved with the adapter."""
     from peft import LoraConfig

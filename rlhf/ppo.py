@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from rlhf.config import Config, save_resolved
+from rlhf.models import gpu_peak_gb
 from rlhf.runs import RunDir, fsync_dir
 
 KEEP_CHECKPOINTS = 2
@@ -173,6 +174,8 @@ def _trainer_class():
                 logs["time/scoring_s"] = round(max(rollout_end - self._phase_start - gen, 0.0), 3)
                 logs["time/optimisation_s"] = round(now - rollout_end, 3)
                 logs["time/update_s"] = round(now - self._phase_start, 3)
+                if (peak := gpu_peak_gb()) is not None:
+                    logs["memory/gpu_peak_gb"] = peak
                 if self._terms:
                     for name in self._terms[0]:
                         logs[f"reward/{name}"] = float(np.mean([t[name] for t in self._terms]))

@@ -49,7 +49,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_model
+    from rlhf.models import gpu_peak_gb, load_causal_lm, on_device, load_tokenizer, lora_config, resolve_model
 
     run = RunDir(run_dir)
     rows = run.rows("sft/train.parquet")
@@ -91,15 +91,20 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         for entry in logs:
             f.write(json.dumps(entry) + "\n")
 
-    trained = trainer.model
+    if mc.use_lora:
+        # save_model gathers ZeRO-3 / FSDP shards (every process takes part); merging then happens on a
+        # freshly loaded, unquantized base, which is also right for QLoRA (a 4-bit base cannot take the merge)
+        trainer.save_model(str(out / "adapter"))
     if not trainer.accelerator.is_main_process:
         return {}
     if mc.use_lora:
-        trained.save_pretrained(out / "adapter")
+        from peft import PeftModel
+
         tokenizer.save_pretrained(out / "adapter")
-        merged = trained.merge_and_unload()
+        merged = PeftModel.from_pretrained(load_causal_lm(base_path, mc.dtype), str(out / "adapter")).merge_and_unload()
+        merged = on_device(merged)
     else:
-        merged = trained
+        merged = trainer.model
     merged.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
 
@@ -112,7 +117,8 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     metrics = {"steps": trainer.state.global_step, "train_loss": result.training_loss,
                "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 2),
-               "samples_before": before, "samples_after": after, "examples": len(rows)}
+               "samples_before": before, "samples_after": after, "examples": len(rows),
+               "gpu_peak_gb": gpu_peak_gb()}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"sft: {metrics['steps']} steps in {seconds:.0f}s, loss {metrics['first_loss']} -> {metrics['last_loss']}; "
           f"valid listings on {len(sample_rows)} held-out prompts: {before['valid_rate']:.2f} -> {after['valid_rate']:.2f}")
