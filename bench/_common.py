@@ -29,3 +29,17 @@ def device() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, {os.cpu_count()} CPUs"
     return f"CPU only, {os.cpu_count()} CPUs"
+
+
+def add_dtype_arg(parser) -> None:
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="weights and compute (auto: bfloat16 on a GPU, float32 on CPU)")
+
+
+def resolve_dtype(value: str) -> str:
+    """The --dtype value with auto decided for this machine."""
+    if value != "auto":
+        return value
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, device, run_child
+from _common import ROOT, add_dtype_arg, device, resolve_dtype, run_child
 
 
 def ours(run: Path, args) -> dict:
@@ -138,14 +138,10 @@ def main() -> None:
     p.add_argument("--response-length", type=int, default=96)
     p.add_argument("--value-layers", type=int, default=6)
     p.add_argument("--temperature", type=float, default=0.5, help="rollout temperature, the same for both")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="weights and compute for both (auto: bfloat16 on a GPU, float32 on CPU)")
+    add_dtype_arg(p)
     p.add_argument("--skip-plain", action="store_true")
     args = p.parse_args()
-    if args.dtype == "auto":
-        import torch
-
-        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    args.dtype = resolve_dtype(args.dtype)
     run = Path(args.run)
     print(f"machine: {device()}; {args.dtype}; batch {args.batch} x {args.response_length} new tokens, "
           f"{args.epochs} epochs x {args.mini_batches} mini-batches, {args.updates} updates (first is warm-up)")

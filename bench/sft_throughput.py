@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, device, run_child
+from _common import ROOT, add_dtype_arg, device, resolve_dtype, run_child
 
 
 def main() -> None:
@@ -25,13 +25,9 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "recipes" / "demo.yaml"))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto: bfloat16 on a GPU, float32 on CPU")
+    add_dtype_arg(p)
     args = p.parse_args()
-    if args.dtype == "auto":
-        import torch
-
-        args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    args.dtype = resolve_dtype(args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "run"
         work.mkdir()

@@ -49,7 +49,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.models import gpu_peak_gb, load_causal_lm, on_device, load_tokenizer, lora_config, resolve_model
+    from rlhf.models import gpu_peak_gb, load_causal_lm, load_tokenizer, lora_config, on_device, resolve_model
 
     run = RunDir(run_dir)
     rows = run.rows("sft/train.parquet")
