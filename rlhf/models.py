@@ -194,6 +194,20 @@ def on_device(model):
     return model
 
 
+def merge_on_fresh_base(load_base, adapter_dir):
+    """A saved LoRA adapter merged into a freshly loaded base (``load_base()``), on this process's device.
+
+    Used after training instead of merging into the trainer's model, which FSDP / ZeRO-3 shard and QLoRA
+    quantizes. A ZeRO-3 run leaves transformers' DeepSpeed hook set, under which from_pretrained would
+    partition the new base across processes (zero.Init); the hook is dropped first (training is over).
+    """
+    from peft import PeftModel
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return on_device(PeftModel.from_pretrained(load_base(), str(adapter_dir)).merge_and_unload())
+
+
 def gpu_peak_gb() -> float | None:
     """Peak GPU memory this process has allocated through torch, in GB (None without CUDA)."""
     import torch

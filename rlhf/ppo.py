@@ -124,6 +124,11 @@ def _trainer_class():
             self._phase_start = time.time()
             self._rollout_end = None
             policy = unwrapped.policy
+            if self.args.bf16 and getattr(policy, "is_loaded_in_4bit", False):
+                # QLoRA: TRL casts the policy's norms to fp32 and its lm_head to bf16. Rollout forwards and
+                # generate run outside autocast, so fp32 norm output met the bf16 head ("expected scalar type
+                # Float but found BFloat16"); a frozen fp32 head takes either dtype. Not yet run on a GPU.
+                policy.get_output_embeddings().to(torch.float32)
             original_generate = policy.generate
 
             def timed_generate(*ga, **gk):

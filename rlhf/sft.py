@@ -49,7 +49,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.models import gpu_peak_gb, load_causal_lm, load_tokenizer, lora_config, on_device, resolve_model
+    from rlhf.models import gpu_peak_gb, load_causal_lm, load_tokenizer, lora_config, merge_on_fresh_base, resolve_model
 
     run = RunDir(run_dir)
     rows = run.rows("sft/train.parquet")
@@ -98,11 +98,8 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     if not trainer.accelerator.is_main_process:
         return {}
     if mc.use_lora:
-        from peft import PeftModel
-
         tokenizer.save_pretrained(out / "adapter")
-        merged = PeftModel.from_pretrained(load_causal_lm(base_path, mc.dtype), str(out / "adapter")).merge_and_unload()
-        merged = on_device(merged)
+        merged = merge_on_fresh_base(lambda: load_causal_lm(base_path, mc.dtype), out / "adapter")
     else:
         merged = trainer.model
     merged.save_pretrained(out / "merged")

@@ -45,6 +45,27 @@ def test_reward_model_trains_and_reports_accuracy_per_source(tiny_reward):
     assert losses[-1] < losses[0]  # it learns (seeded: deterministic on this tiny model)
 
 
+def test_reward_model_is_the_adapter_merged_on_a_fresh_base(tiny_reward):
+    """reward/model = SFT model + reward/adapter (LoRA and the trained score head), merged off the trainer."""
+    from peft import PeftModel
+
+    from reward_models.encoding import encode, score_sequences
+    from reward_models.train import load_reward_model
+    from rlhf.models import load_tokenizer
+
+    tok_path = tiny_reward / "reward" / "model"
+    tok = load_tokenizer(str(tok_path))
+    msgs = [{"role": "user", "content": "I liked Alien (1979). Recommend 2 films."}]
+    seqs = [encode(tok, msgs, "1. Heat (1995) - tense\n2. Fargo (1996) - dry"), encode(tok, msgs, "no idea")]
+    merged = score_sequences(load_reward_model(tok_path), seqs, tok.pad_token_id)
+    fresh = load_reward_model(tiny_reward / "sft" / "merged")
+    fresh.config.pad_token_id = tok.pad_token_id
+    untrained = score_sequences(fresh, seqs, tok.pad_token_id)
+    adapted = score_sequences(PeftModel.from_pretrained(fresh, str(tiny_reward / "reward" / "adapter")), seqs, tok.pad_token_id)
+    assert merged == pytest.approx(adapted, abs=1e-4)
+    assert merged != pytest.approx(untrained, abs=1e-4)  # the head and LoRA were saved, not a fresh head
+
+
 def test_pairs_dedupe_balance_and_split():
     from reward_models.pairs import balance, split_by_user
 
