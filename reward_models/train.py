@@ -66,7 +66,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from rlhf.models import load_tokenizer, lora_config, merge_on_fresh_base, resolve_model, truncate_layers
+    from rlhf.models import gather_trained, load_tokenizer, lora_config, resolve_model, truncate_layers
     from rlhf.sft import trainer_precision
 
     run = RunDir(run_dir)
@@ -117,19 +117,13 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     with open(out / "log.jsonl", "w") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
-    if mc.use_lora:
-        # as in SFT: save_model gathers ZeRO-3 / FSDP shards (every process takes part), and the merge happens
-        # on a freshly loaded, equally truncated base rather than on the trainer's (possibly sharded) model
-        trainer.save_model(str(out / "adapter"))
-    if not trainer.accelerator.is_main_process:
+    trained = gather_trained(trainer, lambda p: truncate_layers(load_reward_model(p, mc.dtype), rc.layers), base_path,
+                             out / "adapter", out / "model", mc.use_lora)
+    if trained is None:  # not the main process
         return {}
-    if mc.use_lora:
-        trained = merge_on_fresh_base(lambda: truncate_layers(load_reward_model(base_path, mc.dtype), rc.layers),
-                                      out / "adapter")
-    else:
-        trained = trainer.model
-    trained.config.pad_token_id = tokenizer.pad_token_id
-    trained.save_pretrained(out / "model")
+    if mc.use_lora:  # without LoRA, save_model already wrote model/ (pad id set before training)
+        trained.config.pad_token_id = tokenizer.pad_token_id
+        trained.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)

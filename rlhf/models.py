@@ -194,18 +194,26 @@ def on_device(model):
     return model
 
 
-def merge_on_fresh_base(load_base, adapter_dir):
-    """A saved LoRA adapter merged into a freshly loaded base (``load_base()``), on this process's device.
+def gather_trained(trainer, load, base_path: str, adapter_dir: Path, full_dir: Path, use_lora: bool):
+    """The trained model, whole and unquantized, on the main process's device (None on the other processes).
 
-    Used after training instead of merging into the trainer's model, which FSDP / ZeRO-3 shard and QLoRA
-    quantizes. A ZeRO-3 run leaves transformers' DeepSpeed hook set, under which from_pretrained would
-    partition the new base across processes (zero.Init); the hook is dropped first (training is over).
+    Every process calls this: ``trainer.save_model`` gathers FSDP / ZeRO-3 shards. With LoRA the adapter goes
+    to ``adapter_dir`` and is merged into a freshly loaded ``load(base_path)``, never into the trainer's model
+    (sharded under FSDP / ZeRO-3, 4-bit under QLoRA); without LoRA the model goes to ``full_dir`` and is read
+    back with ``load(full_dir)``. A ZeRO-3 run leaves transformers' DeepSpeed hook set, under which
+    from_pretrained would partition the model it loads (zero.Init); training is over, so the hook is dropped.
     """
-    from peft import PeftModel
     from transformers.integrations import unset_hf_deepspeed_config
 
+    trainer.save_model(str(adapter_dir if use_lora else full_dir))
+    if not trainer.accelerator.is_main_process:
+        return None
     unset_hf_deepspeed_config()
-    return on_device(PeftModel.from_pretrained(load_base(), str(adapter_dir)).merge_and_unload())
+    if not use_lora:
+        return on_device(load(str(full_dir)))
+    from peft import PeftModel
+
+    return on_device(PeftModel.from_pretrained(load(base_path), str(adapter_dir)).merge_and_unload())
 
 
 def gpu_peak_gb() -> float | None:

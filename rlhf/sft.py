@@ -49,7 +49,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.models import gpu_peak_gb, load_causal_lm, load_tokenizer, lora_config, merge_on_fresh_base, resolve_model
+    from rlhf.models import gather_trained, gpu_peak_gb, load_causal_lm, load_tokenizer, lora_config, resolve_model
 
     run = RunDir(run_dir)
     rows = run.rows("sft/train.parquet")
@@ -91,18 +91,13 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         for entry in logs:
             f.write(json.dumps(entry) + "\n")
 
-    if mc.use_lora:
-        # save_model gathers ZeRO-3 / FSDP shards (every process takes part); merging then happens on a
-        # freshly loaded, unquantized base, which is also right for QLoRA (a 4-bit base cannot take the merge)
-        trainer.save_model(str(out / "adapter"))
-    if not trainer.accelerator.is_main_process:
+    merged = gather_trained(trainer, lambda p: load_causal_lm(p, mc.dtype), base_path, out / "adapter", out / "merged",
+                            mc.use_lora)
+    if merged is None:  # not the main process
         return {}
-    if mc.use_lora:
+    if mc.use_lora:  # without LoRA, save_model already wrote merged/
         tokenizer.save_pretrained(out / "adapter")
-        merged = merge_on_fresh_base(lambda: load_causal_lm(base_path, mc.dtype), out / "adapter")
-    else:
-        merged = trainer.model
-    merged.save_pretrained(out / "merged")
+        merged.save_pretrained(out / "merged")
     tokenizer.save_pretrained(out / "merged")
 
     after_texts, after = _samples(merged, tokenizer, sample_rows, catalog, meta["k"], gen_tokens)

@@ -66,6 +66,26 @@ def test_reward_model_is_the_adapter_merged_on_a_fresh_base(tiny_reward):
     assert merged != pytest.approx(untrained, abs=1e-4)  # the head and LoRA were saved, not a fresh head
 
 
+def test_full_finetuning_without_lora_writes_whole_models(tiny_data, tmp_path):
+    """model.use_lora=false: SFT and reward save the trained model itself (no adapter) and it loads."""
+    from transformers import AutoModelForCausalLM
+
+    from reward_models.train import load_reward_model
+    from rlhf.models import resolve_model
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_data / "data", run / "data")
+    shutil.copy(tiny_data / "config.yaml", run / "config.yaml")
+    for stage in ("sft", "reward"):
+        rlhf(stage, "--run", run, "--config", TINY, "model.use_lora=false", f"{stage}.max_steps=2")
+    assert not (run / "sft" / "adapter").exists() and not (run / "reward" / "adapter").exists()
+    tuned = AutoModelForCausalLM.from_pretrained(run / "sft" / "merged").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny")).state_dict()
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)  # the trained weights, not the base re-saved
+    assert load_reward_model(run / "reward" / "model").config.pad_token_id is not None
+    assert json.loads((run / "reward" / "metrics.json").read_text())["val_accuracy"] is not None
+
+
 def test_pairs_dedupe_balance_and_split():
     from reward_models.pairs import balance, split_by_user
 
