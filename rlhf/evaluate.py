@@ -64,9 +64,10 @@ class Context:
 
 
 def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[list[str]] | None = None,
-                 counts: list[int] | None = None, rows: list[dict] | None = None) -> dict:
+                 counts: list[int] | None = None, rows: list[dict] | None = None, per_user: dict | None = None) -> dict:
     """Accuracy, health, beyond-accuracy and simulator metrics for one list per held-out row
-    (``rows`` defaults to all of the context's rows)."""
+    (``rows`` defaults to all of the context's rows). ``per_user``, when given, receives each row's
+    true utility under "true_utility" (for paired comparisons of stages)."""
     from reward_models.rules import explanation_tied
 
     acc = {f"hr@{k}": [], f"ndcg@{k}": [], f"recall@{k}": [], "hr@1": [], "valid": [], "grounded": [], "dup": [],
@@ -115,6 +116,8 @@ def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[lis
         "diversity": M.mean(acc["div"]), "popularity_bias": M.mean(acc["popb"]),
         "true_utility": M.mean(acc["util"]), "sim_ctr": M.mean(acc["ctr"]), "n": len(lists),
     })
+    if per_user is not None and acc["util"]:
+        per_user["true_utility"] = acc["util"]
     if explanations is not None:
         out["faithfulness"] = M.mean(acc["faith"])
         out["explanation_words"] = M.mean(acc["elen"])
@@ -208,6 +211,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     if ctx.sim is None:
         notes.append(SIM_NOTE)
     prompts = [r["prompt"] for r in ctx.rows]
+    per_user: dict[str, dict[str, list]] = {}
     with open(out / "listings.jsonl", "w") as listing_file:
         for stage in ec.stages:
             loaded = load_stage_model(run_dir, stage, cfg.model)
@@ -221,11 +225,13 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
             lists = [[e.item_id for e in p][:k] for p in parsed]
             counts = [len(p) for p in parsed]
             expl = [[e.explanation for e in p] for p in parsed]
-            m = list_metrics(ctx, lists, k, expl, counts)
+            per_user[stage] = {}
+            m = list_metrics(ctx, lists, k, expl, counts, per_user=per_user[stage])
             if composite is not None:
                 scored = composite.score_texts(prompts, texts, [PromptContext(r["history_ids"], r["candidate_ids"]) for r in ctx.rows])
                 for name in scored[0]:
                     m[f"reward/{name}"] = M.mean([s[name] for s in scored])
+                per_user[stage]["reward"] = [s["reward"] for s in scored]
             m["kl_to_sft"] = response_kl(model, tokenizer, prompts, texts) if stage == "ppo" else (0.0 if stage == "sft" else None)
             results["stages"][stage] = m
             if cold:
@@ -234,6 +240,10 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
                 listing_file.write(json.dumps({"stage": stage, "user_id": r["user_id"], "text": t}) + "\n")
             examples[stage] = texts[: ec.num_examples]
             del model
+    # each later stage against SFT on the same users: mean difference and its paired standard error
+    results["vs_sft"] = {stage: {metric: M.paired_difference(values, per_user["sft"][metric])
+                                 for metric, values in per_user[stage].items() if metric in per_user["sft"]}
+                         for stage in per_user if stage not in ("sft", "base") and "sft" in per_user}
     for name, lists in baseline_lists(ctx, k).items():
         results["baselines"][name] = list_metrics(ctx, lists, k)
         if cold:
@@ -242,6 +252,9 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_report(run_dir, results, ctx, examples)
     print(f"eval: {len(ctx.rows)} {ec.split} users, K={k}; wrote {out / 'metrics.json'} and {out / 'report.html'}")
+    for stage, diffs in results["vs_sft"].items():
+        if M.describe_paired(diffs):
+            print(f"eval: {stage} - sft over the same users (mean ± standard error): {M.describe_paired(diffs)}")
     for note in notes:
         print(f"eval: note: {note}")
     return results

@@ -75,3 +75,22 @@ def intra_list_diversity(items: list, features: dict) -> float:
 def mean(values) -> float | None:
     values = [v for v in values if v is not None]
     return sum(values) / len(values) if values else None
+
+
+def paired_difference(after: list, before: list) -> dict | None:
+    """Mean of ``after - before`` over the same users with its standard error (None for fewer than 2 pairs).
+
+    Two stages scored on one user sample differ by less than their separate spreads suggest; the paired
+    standard error says whether a difference is larger than the user sample's noise.
+    """
+    diffs = [a - b for a, b in zip(after, before) if a is not None and b is not None]
+    if len(diffs) < 2:
+        return None
+    mu = sum(diffs) / len(diffs)
+    var = sum((d - mu) ** 2 for d in diffs) / (len(diffs) - 1)
+    return {"delta": mu, "se": (var / len(diffs)) ** 0.5, "n": len(diffs)}
+
+
+def describe_paired(diffs: dict) -> str:
+    """'metric +delta ± se, ...' for the paired differences of one stage (skips those not computed)."""
+    return ", ".join(f"{metric} {d['delta']:+.3f} ± {d['se']:.3f}" for metric, d in diffs.items() if d)

@@ -24,6 +24,13 @@ def test_accuracy_metrics_by_hand():
     assert M.ndcg(["b"], set(), 3) == 0.0
 
 
+def test_paired_difference_by_hand():
+    d = M.paired_difference([3.0, 5.0, 4.0, None], [1.0, 2.0, 4.0, 9.0])  # diffs 2, 3, 0 (the None pair is left out)
+    assert d["n"] == 3 and d["delta"] == pytest.approx(5 / 3)
+    assert d["se"] == pytest.approx(((((2 - 5 / 3) ** 2 + (3 - 5 / 3) ** 2 + (5 / 3) ** 2) / 2) / 3) ** 0.5)
+    assert M.paired_difference([1.0], [0.0]) is None
+
+
 def test_beyond_accuracy_by_hand():
     assert M.duplicate_rate(["a", "a", None, "b"]) == 0.25
     assert M.novelty(["a"], {"a": 3}, 7) == pytest.approx(-math.log2(4 / 8))

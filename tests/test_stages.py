@@ -195,8 +195,12 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
         assert name in m["stages"]["ppo"], name
     assert m["baselines"]["ease"]["valid_rate"] == 1.0
     assert m["stages"]["ppo"]["kl_to_sft"] is not None
+    paired = m["vs_sft"]["ppo"]  # PPO minus SFT on the same users, with its paired standard error
+    assert set(paired) == {"true_utility", "reward"} and paired["reward"]["n"] == m["users"]
+    assert paired["true_utility"]["delta"] == pytest.approx(m["stages"]["ppo"]["true_utility"] - m["stages"]["sft"]["true_utility"])
     html = (out / "report.html").read_text()
-    for section in ("<h2>Metrics</h2>", "<h2>Plots</h2>", "<h2>Example listings</h2>", "ease (baseline)", "ppo (LLM)"):
+    for section in ("<h2>Metrics</h2>", "<h2>Plots</h2>", "<h2>Example listings</h2>", "ease (baseline)", "ppo (LLM)",
+                    "ppo − sft: true_utility"):
         assert section in html
     assert (out / "plots" / "ppo_curves.png").stat().st_size > 1000
     assert "| ease (baseline) |" in (out / "report.md").read_text()
