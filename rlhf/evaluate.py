@@ -252,9 +252,8 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_report(run_dir, results, ctx, examples)
     print(f"eval: {len(ctx.rows)} {ec.split} users, K={k}; wrote {out / 'metrics.json'} and {out / 'report.html'}")
-    for stage, diffs in results["vs_sft"].items():
-        if M.describe_paired(diffs):
-            print(f"eval: {stage} - sft over the same users (mean ± standard error): {M.describe_paired(diffs)}")
+    for line in M.describe_vs_sft(results["vs_sft"]):
+        print(f"eval: {line} (same users, mean ± standard error)")
     for note in notes:
         print(f"eval: note: {note}")
     return results

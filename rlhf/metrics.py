@@ -91,6 +91,11 @@ def paired_difference(after: list, before: list) -> dict | None:
     return {"delta": mu, "se": (var / len(diffs)) ** 0.5, "n": len(diffs)}
 
 
-def describe_paired(diffs: dict) -> str:
-    """'metric +delta ± se, ...' for the paired differences of one stage (skips those not computed)."""
-    return ", ".join(f"{metric} {d['delta']:+.3f} ± {d['se']:.3f}" for metric, d in diffs.items() if d)
+def describe_vs_sft(vs_sft: dict) -> list[str]:
+    """One 'stage − sft: metric +delta ± se, ...' line per stage of eval's ``vs_sft`` (stages without any skipped)."""
+    lines = []
+    for stage, diffs in vs_sft.items():
+        shown = ", ".join(f"{metric} {d['delta']:+.3f} ± {d['se']:.3f}" for metric, d in diffs.items() if d)
+        if shown:
+            lines.append(f"{stage} − sft: {shown}")
+    return lines

@@ -9,7 +9,7 @@ import html
 import json
 from pathlib import Path
 
-from rlhf.metrics import describe_paired
+from rlhf.metrics import describe_vs_sft
 
 TABLE_METRICS = ["valid_rate", "grounded_rate", "hr@{k}", "ndcg@{k}", "recall@{k}", "hr@1", "true_utility", "sim_ctr",
                  "duplicate_rate", "history_repeat_rate", "out_of_candidates_rate", "coverage", "novelty", "diversity",
@@ -92,7 +92,7 @@ def write_report(run_dir: Path, results: dict, ctx, examples: dict[str, list[str
           "hr@1 is divided by all prompts (S-DPO's convention); see valid_rate for LLaRA's.", "",
           "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     md += [f"| {name} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for name, v in entries]
-    paired = [f"{stage} − sft: {describe_paired(d)}" for stage, d in results.get("vs_sft", {}).items() if describe_paired(d)]
+    paired = describe_vs_sft(results.get("vs_sft", {}))
     if paired:
         md += ["", "Against SFT on the same users (mean difference ± paired standard error): " + "; ".join(paired) + "."]
     if results["cold_start"]["users"]:
