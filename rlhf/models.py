@@ -216,6 +216,20 @@ def gather_trained(trainer, load, base_path: str, adapter_dir: Path, full_dir: P
     return on_device(PeftModel.from_pretrained(load(base_path), str(adapter_dir)).merge_and_unload())
 
 
+def head_in_fp32(model):
+    """Put a QLoRA policy's frozen output head in fp32, in place.
+
+    For a 4-bit policy under bf16, TRL's PPO (``peft_module_casting_to_bf16``) makes the norms fp32 and
+    lm_head bf16; its rollout forwards and ``generate`` run outside autocast, so the final norm's fp32
+    output meets the bf16 head and the matmul fails. An fp32 head takes either dtype.
+    ``bench/qlora_rollout_dtype.py`` reproduces the failure and the fix with bitsandbytes on CPU.
+    """
+    import torch
+
+    model.get_output_embeddings().to(torch.float32)
+    return model
+
+
 def gpu_peak_gb() -> float | None:
     """Peak GPU memory this process has allocated through torch, in GB (None without CUDA)."""
     import torch

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from rlhf.config import Config, save_resolved
-from rlhf.models import gpu_peak_gb
+from rlhf.models import gpu_peak_gb, head_in_fp32
 from rlhf.runs import RunDir, fsync_dir
 
 KEEP_CHECKPOINTS = 2
@@ -125,10 +125,7 @@ def _trainer_class():
             self._rollout_end = None
             policy = unwrapped.policy
             if self.args.bf16 and getattr(policy, "is_loaded_in_4bit", False):
-                # QLoRA: TRL casts the policy's norms to fp32 and its lm_head to bf16. Rollout forwards and
-                # generate run outside autocast, so fp32 norm output met the bf16 head ("expected scalar type
-                # Float but found BFloat16"); a frozen fp32 head takes either dtype. Not yet run on a GPU.
-                policy.get_output_embeddings().to(torch.float32)
+                head_in_fp32(policy)  # QLoRA: TRL's bf16 casting left rollouts failing at lm_head
             original_generate = policy.generate
 
             def timed_generate(*ga, **gk):
