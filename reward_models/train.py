@@ -97,8 +97,12 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     if not train_ex:
         raise ValueError(f"every training pair is longer than reward.max_length={rc.max_length}; raise it")
 
-    model = truncate_layers(load_reward_model(base_path, mc.dtype), rc.layers)
-    model.config.pad_token_id = tokenizer.pad_token_id
+    def load_truncated(path: str):
+        model = truncate_layers(load_reward_model(path, mc.dtype), rc.layers)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model
+
+    model = load_truncated(base_path)
     args = TRLRewardConfig(
         output_dir=str(out / "trainer"), max_steps=rc.max_steps, num_train_epochs=rc.epochs,
         per_device_train_batch_size=rc.batch_size, gradient_accumulation_steps=rc.grad_accum,
@@ -117,14 +121,9 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     with open(out / "log.jsonl", "w") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
-    trained = gather_trained(trainer, lambda p: truncate_layers(load_reward_model(p, mc.dtype), rc.layers), base_path,
-                             out / "adapter", out / "model", mc.use_lora)
+    trained = gather_trained(trainer, load_truncated, base_path, out / "adapter", out / "model", mc.use_lora)
     if trained is None:  # not the main process
         return {}
-    if mc.use_lora:  # without LoRA, save_model already wrote model/ (pad id set before training)
-        trained.config.pad_token_id = tokenizer.pad_token_id
-        trained.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)
     train_acc = pairwise_accuracy(trained, tokenizer, train_ex[: rc.accuracy_on_train])

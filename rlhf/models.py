@@ -195,13 +195,15 @@ def on_device(model):
 
 
 def gather_trained(trainer, load, base_path: str, adapter_dir: Path, full_dir: Path, use_lora: bool):
-    """The trained model, whole and unquantized, on the main process's device (None on the other processes).
+    """Write the trained model, whole and unquantized, with its tokenizer to ``full_dir`` and return it on the
+    main process's device (None on the other processes).
 
-    Every process calls this: ``trainer.save_model`` gathers FSDP / ZeRO-3 shards. With LoRA the adapter goes
-    to ``adapter_dir`` and is merged into a freshly loaded ``load(base_path)``, never into the trainer's model
-    (sharded under FSDP / ZeRO-3, 4-bit under QLoRA); without LoRA the model goes to ``full_dir`` and is read
-    back with ``load(full_dir)``. A ZeRO-3 run leaves transformers' DeepSpeed hook set, under which
-    from_pretrained would partition the model it loads (zero.Init); training is over, so the hook is dropped.
+    Every process calls this: ``trainer.save_model`` (which also writes the tokenizer) gathers FSDP / ZeRO-3
+    shards. With LoRA the adapter goes to ``adapter_dir`` and is merged into a freshly loaded
+    ``load(base_path)``, never into the trainer's model (sharded under FSDP / ZeRO-3, 4-bit under QLoRA);
+    without LoRA the model goes to ``full_dir`` and is read back with ``load(full_dir)``. A ZeRO-3 run leaves
+    transformers' DeepSpeed hook set, under which from_pretrained would partition the model it loads
+    (zero.Init); training is over, so the hook is dropped.
     """
     from transformers.integrations import unset_hf_deepspeed_config
 
@@ -213,7 +215,10 @@ def gather_trained(trainer, load, base_path: str, adapter_dir: Path, full_dir: P
         return on_device(load(str(full_dir)))
     from peft import PeftModel
 
-    return on_device(PeftModel.from_pretrained(load(base_path), str(adapter_dir)).merge_and_unload())
+    merged = PeftModel.from_pretrained(load(base_path), str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(full_dir)
+    trainer.processing_class.save_pretrained(full_dir)
+    return on_device(merged)
 
 
 def head_in_fp32(model):

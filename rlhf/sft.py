@@ -95,10 +95,6 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
                             mc.use_lora)
     if merged is None:  # not the main process
         return {}
-    if mc.use_lora:  # without LoRA, save_model already wrote merged/
-        tokenizer.save_pretrained(out / "adapter")
-        merged.save_pretrained(out / "merged")
-    tokenizer.save_pretrained(out / "merged")
 
     after_texts, after = _samples(merged, tokenizer, sample_rows, catalog, meta["k"], gen_tokens)
     with open(out / "samples.jsonl", "w") as f:
