@@ -212,6 +212,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
         notes.append(SIM_NOTE)
     prompts = [r["prompt"] for r in ctx.rows]
     per_user: dict[str, dict[str, list]] = {}
+    pooled: list[tuple] = []  # (composite reward, learned score, rule part, true utility) per LLM listing
     with open(out / "listings.jsonl", "w") as listing_file:
         for stage in ec.stages:
             loaded = load_stage_model(run_dir, stage, cfg.model)
@@ -232,6 +233,9 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
                 for name in scored[0]:
                     m[f"reward/{name}"] = M.mean([s[name] for s in scored])
                 per_user[stage]["reward"] = [s["reward"] for s in scored]
+                if "true_utility" in per_user[stage]:
+                    for s, util in zip(scored, per_user[stage]["true_utility"]):
+                        pooled.append((s["reward"], s["learned"], s["reward"] - composite.rm_weight * s["learned"], util))
             m["kl_to_sft"] = response_kl(model, tokenizer, prompts, texts) if stage == "ppo" else (0.0 if stage == "sft" else None)
             results["stages"][stage] = m
             if cold:
@@ -244,6 +248,13 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     results["vs_sft"] = {stage: {metric: M.paired_difference(values, per_user["sft"][metric])
                                  for metric, values in per_user[stage].items() if metric in per_user["sft"]}
                          for stage in per_user if stage not in ("sft", "base") and "sft" in per_user}
+    # does the reward PPO optimises track what it stands for? On the policies' own listings a learned score
+    # that ranks held-out preference pairs well can still be unrelated to the simulator's utility
+    if pooled:
+        cols = list(zip(*pooled))
+        results["reward_vs_truth"] = {part: M.pearson(list(col), list(cols[3]))
+                                      for part, col in zip(("reward", "learned", "rules"), cols)}
+        results["reward_vs_truth"]["n"] = len(pooled)
     for name, lists in baseline_lists(ctx, k).items():
         results["baselines"][name] = list_metrics(ctx, lists, k)
         if cold:
@@ -252,8 +263,8 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
     write_report(run_dir, results, ctx, examples)
     print(f"eval: {len(ctx.rows)} {ec.split} users, K={k}; wrote {out / 'metrics.json'} and {out / 'report.html'}")
-    for line in M.describe_vs_sft(results["vs_sft"]):
-        print(f"eval: {line} (same users, mean ± standard error)")
+    for line in M.describe_eval(results):
+        print(f"eval: {line}")
     for note in notes:
         print(f"eval: note: {note}")
     return results

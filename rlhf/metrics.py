@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from itertools import combinations
 
+import numpy as np
+
 
 def _dedup(items: list) -> list:
     seen, out = set(), []
@@ -91,11 +93,30 @@ def paired_difference(after: list, before: list) -> dict | None:
     return {"delta": mu, "se": (var / len(diffs)) ** 0.5, "n": len(diffs)}
 
 
-def describe_vs_sft(vs_sft: dict) -> list[str]:
-    """One 'stage − sft: metric +delta ± se, ...' line per stage of eval's ``vs_sft`` (stages without any skipped)."""
+def pearson(x: list, y: list) -> float | None:
+    """Pearson correlation of paired values (pairs with a None left out); None when either side is constant
+    or fewer than 3 pairs remain."""
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
+    if len(pairs) < 3:
+        return None
+    xs, ys = np.array(pairs, dtype=float).T
+    if xs.std() == 0 or ys.std() == 0:
+        return None
+    return float(np.corrcoef(xs, ys)[0, 1])
+
+
+def describe_eval(results: dict) -> list[str]:
+    """The lines eval, the pipeline summary and the report print under the metrics table: one
+    'stage − sft: metric +delta ± se, ...' line per stage of ``vs_sft`` (stages without any skipped), and
+    how well the reward tracks the simulator's true utility (``reward_vs_truth``) when it was measured."""
     lines = []
-    for stage, diffs in vs_sft.items():
+    for stage, diffs in results.get("vs_sft", {}).items():
         shown = ", ".join(f"{metric} {d['delta']:+.3f} ± {d['se']:.3f}" for metric, d in diffs.items() if d)
         if shown:
-            lines.append(f"{stage} − sft: {shown}")
+            lines.append(f"{stage} − sft: {shown} (same users, mean ± standard error)")
+    rt = results.get("reward_vs_truth")
+    if rt:  # None: a constant side (e.g. no listing parsed), where a correlation says nothing
+        shown = ", ".join(f"{part} " + ("n/a" if rt[part] is None else f"{rt[part]:+.2f}")
+                          for part in ("reward", "learned", "rules"))
+        lines.append(f"correlation with true utility over {rt['n']} LLM listings: {shown}")
     return lines

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from rlhf.config import Config
-from rlhf.metrics import describe_vs_sft
+from rlhf.metrics import describe_eval
 from rlhf.runs import RunDir
 
 STAGES = ("data", "sft", "reward", "ppo", "eval")
@@ -65,6 +65,6 @@ def run_pipeline(cfg: Config, run_dir: Path, config: str | None = None, override
             util = vals.get("true_utility")
             print(f"  {stage:>5}: valid_rate={vals.get('valid_rate', 0):.2f} hr@{m['k']}={vals.get('hr@' + str(m['k']), 0):.3f}"
                   + (f" true_utility={util:.3f}" if util is not None else ""))
-        for line in describe_vs_sft(m.get("vs_sft", {})):
-            print(f"  {line} (same users, mean ± standard error)")
+        for line in describe_eval(m):
+            print(f"  {line}")
     return summary

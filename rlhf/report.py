@@ -9,7 +9,7 @@ import html
 import json
 from pathlib import Path
 
-from rlhf.metrics import describe_vs_sft
+from rlhf.metrics import describe_eval
 
 TABLE_METRICS = ["valid_rate", "grounded_rate", "hr@{k}", "ndcg@{k}", "recall@{k}", "hr@1", "true_utility", "sim_ctr",
                  "duplicate_rate", "history_repeat_rate", "out_of_candidates_rate", "coverage", "novelty", "diversity",
@@ -92,9 +92,8 @@ def write_report(run_dir: Path, results: dict, ctx, examples: dict[str, list[str
           "hr@1 is divided by all prompts (S-DPO's convention); see valid_rate for LLaRA's.", "",
           "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     md += [f"| {name} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for name, v in entries]
-    paired = describe_vs_sft(results.get("vs_sft", {}))
-    if paired:
-        md += ["", "Against SFT on the same users (mean difference ± paired standard error): " + "; ".join(paired) + "."]
+    paired = describe_eval(results)
+    md += [""] + [f"- {line}" for line in paired] if paired else []
     if results["cold_start"]["users"]:
         md += ["", f"## Cold-start users ({results['cold_start']['users']})", "",
                "| | valid_rate | hr@%d | ndcg@%d | true_utility |" % (k, k), "|---|---|---|---|---|"]
@@ -130,8 +129,7 @@ def write_report(run_dir: Path, results: dict, ctx, examples: dict[str, list[str
         h.append(f"<tr{cls}><td>{e(name)}</td>" + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in cols) + "</tr>")
     h.append("</table>")
     if paired:
-        h.append("<p>Against SFT on the same users (mean difference ± paired standard error): "
-                 + e("; ".join(paired)) + ".</p>")
+        h.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in paired) + "</ul>")
     if results["cold_start"]["users"]:
         h.append(f"<h2>Cold-start users ({results['cold_start']['users']})</h2><table><tr><th></th><th>valid_rate</th>"
                  f"<th>hr@{k}</th><th>ndcg@{k}</th><th>true_utility</th></tr>")

@@ -31,6 +31,14 @@ def test_paired_difference_by_hand():
     assert M.paired_difference([1.0], [0.0]) is None
 
 
+def test_pearson_by_hand():
+    assert M.pearson([1, 2, 3, None], [2, 4, 6, 0]) == pytest.approx(1.0)  # the None pair is left out
+    assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # x = (0, 1, 2, 3), y = (1, 0, 3, 2): centred (-1.5, -.5, .5, 1.5) and (-.5, -1.5, 1.5, .5) -> 3 / 5
+    assert M.pearson([0, 1, 2, 3], [1, 0, 3, 2]) == pytest.approx(0.6)
+    assert M.pearson([1, 1, 1], [1, 2, 3]) is None and M.pearson([1, 2], [1, 2]) is None
+
+
 def test_beyond_accuracy_by_hand():
     assert M.duplicate_rate(["a", "a", None, "b"]) == 0.25
     assert M.novelty(["a"], {"a": 3}, 7) == pytest.approx(-math.log2(4 / 8))

@@ -198,9 +198,12 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     paired = m["vs_sft"]["ppo"]  # PPO minus SFT on the same users, with its paired standard error
     assert set(paired) == {"true_utility", "reward"} and paired["reward"]["n"] == m["users"]
     assert paired["true_utility"]["delta"] == pytest.approx(m["stages"]["ppo"]["true_utility"] - m["stages"]["sft"]["true_utility"])
+    truth = m["reward_vs_truth"]  # composite reward and its parts against the simulator's utility, per listing
+    assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "n"}
+    assert all(v is None or -1.0 <= v <= 1.0 for part, v in truth.items() if part != "n")
     html = (out / "report.html").read_text()
     for section in ("<h2>Metrics</h2>", "<h2>Plots</h2>", "<h2>Example listings</h2>", "ease (baseline)", "ppo (LLM)",
-                    "ppo − sft: true_utility"):
+                    "ppo − sft: true_utility", "correlation with true utility over"):
         assert section in html
     assert (out / "plots" / "ppo_curves.png").stat().st_size > 1000
     assert "| ease (baseline) |" in (out / "report.md").read_text()
