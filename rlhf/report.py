@@ -92,8 +92,9 @@ def write_report(run_dir: Path, results: dict, ctx, examples: dict[str, list[str
           "hr@1 is divided by all prompts (S-DPO's convention); see valid_rate for LLaRA's.", "",
           "| | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     md += [f"| {name} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for name, v in entries]
-    paired = describe_eval(results)
-    md += [""] + [f"- {line}" for line in paired] if paired else []
+    summary = describe_eval(results)  # against SFT, and the reward against true utility
+    if summary:
+        md += [""] + [f"- {line}" for line in summary]
     if results["cold_start"]["users"]:
         md += ["", f"## Cold-start users ({results['cold_start']['users']})", "",
                "| | valid_rate | hr@%d | ndcg@%d | true_utility |" % (k, k), "|---|---|---|---|---|"]
@@ -128,8 +129,8 @@ def write_report(run_dir: Path, results: dict, ctx, examples: dict[str, list[str
         cls = " class='llm'" if "(LLM)" in name else ""
         h.append(f"<tr{cls}><td>{e(name)}</td>" + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in cols) + "</tr>")
     h.append("</table>")
-    if paired:
-        h.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in paired) + "</ul>")
+    if summary:
+        h.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in summary) + "</ul>")
     if results["cold_start"]["users"]:
         h.append(f"<h2>Cold-start users ({results['cold_start']['users']})</h2><table><tr><th></th><th>valid_rate</th>"
                  f"<th>hr@{k}</th><th>ndcg@{k}</th><th>true_utility</th></tr>")
