@@ -212,7 +212,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
         notes.append(SIM_NOTE)
     prompts = [r["prompt"] for r in ctx.rows]
     per_user: dict[str, dict[str, list]] = {}
-    pooled: list[tuple] = []  # (composite reward, learned score, rule part, true utility) per LLM listing
+    learned: dict[str, list] = {}  # the learned part of each stage's per-user composite reward
     with open(out / "listings.jsonl", "w") as listing_file:
         for stage in ec.stages:
             loaded = load_stage_model(run_dir, stage, cfg.model)
@@ -233,9 +233,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
                 for name in scored[0]:
                     m[f"reward/{name}"] = M.mean([s[name] for s in scored])
                 per_user[stage]["reward"] = [s["reward"] for s in scored]
-                if "true_utility" in per_user[stage]:
-                    for s, util in zip(scored, per_user[stage]["true_utility"]):
-                        pooled.append((s["reward"], s["learned"], s["reward"] - composite.rm_weight * s["learned"], util))
+                learned[stage] = [s["learned"] for s in scored]
             m["kl_to_sft"] = response_kl(model, tokenizer, prompts, texts) if stage == "ppo" else (0.0 if stage == "sft" else None)
             results["stages"][stage] = m
             if cold:
@@ -248,13 +246,10 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     results["vs_sft"] = {stage: {metric: M.paired_difference(values, per_user["sft"][metric])
                                  for metric, values in per_user[stage].items() if metric in per_user["sft"]}
                          for stage in per_user if stage not in ("sft", "base") and "sft" in per_user}
-    # does the reward PPO optimises track what it stands for? On the policies' own listings a learned score
-    # that ranks held-out preference pairs well can still be unrelated to the simulator's utility
-    if pooled:
-        cols = list(zip(*pooled))
-        results["reward_vs_truth"] = {part: M.pearson(list(col), list(cols[3]))
-                                      for part, col in zip(("reward", "learned", "rules"), cols)}
-        results["reward_vs_truth"]["n"] = len(pooled)
+    if composite is not None:
+        truth = _reward_vs_truth(per_user, learned, composite.rm_weight)
+        if truth:
+            results["reward_vs_truth"] = truth
     for name, lists in baseline_lists(ctx, k).items():
         results["baselines"][name] = list_metrics(ctx, lists, k)
         if cold:
@@ -268,6 +263,26 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     for note in notes:
         print(f"eval: note: {note}")
     return results
+
+
+def _reward_vs_truth(per_user: dict, learned: dict, rm_weight: float) -> dict | None:
+    """Correlation with true utility of the composite reward, its learned part and its rule part, over every
+    LLM listing that has both (None without the simulator).
+
+    Does the reward PPO optimises track what it stands for? On the policies' own listings a learned score
+    that ranks held-out preference pairs well can still be unrelated to the simulator's utility.
+    """
+    reward, score, util = [], [], []
+    for stage, values in per_user.items():
+        if "true_utility" in values and stage in learned:
+            reward += values["reward"]
+            score += learned[stage]
+            util += values["true_utility"]
+    if not util:
+        return None
+    rules = [r - rm_weight * s for r, s in zip(reward, score)]
+    return {"reward": M.pearson(reward, util), "learned": M.pearson(score, util), "rules": M.pearson(rules, util),
+            "n": len(util)}
 
 
 def _subset(ctx, idx, lists, k, expl=None, counts=None):
