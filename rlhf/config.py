@@ -217,6 +217,9 @@ class PPOStageConfig:
     cliprange_value: float = _f(0.2, "value clip")
     vf_coef: float = _f(0.1, "value loss weight")
     whiten_rewards: bool = _f(False, "whiten rewards per batch")
+    gamma: float = _f(1.0, "discount over response tokens")
+    lam: float = _f(0.95, "GAE lambda: below 1 the final score reaches a token ~lam^(tokens to the end) weak, "
+                          "so early lines of a long response learn mostly from the value model")
     reward_model_weight: float = _f(1.0, "weight of the learned reward model's score")
     value_layers: int = _f(0, "value model = the reward model's first N decoder layers + its head (0 = all); "
                               "fewer layers make PPO's optimisation much cheaper on CPU")
@@ -245,6 +248,9 @@ class PPOStageConfig:
             raise ConfigError("ppo.kl_coef must be >= 0")
         if self.value_layers < 0:
             raise ConfigError("ppo.value_layers must be >= 0 (0 keeps every layer)")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"ppo.{name} must be in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass

@@ -341,15 +341,17 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     remaining = pc.total_updates - done
     world = state.num_processes
+    # TRL: the rollout batch per process is per_device_train_batch_size x gradient_accumulation_steps, split
+    # into num_mini_batches; one micro-batch per mini-batch
     args = PPOConfig(
-        output_dir=str(out / "trainer"), learning_rate=pc.learning_rate, # TRL: rollout batch per process = per_device_train_batch_size x gradient_accumulation_steps,
-        # split into num_mini_batches; one micro-batch per mini-batch
+        output_dir=str(out / "trainer"), learning_rate=pc.learning_rate,
         per_device_train_batch_size=pc.batch_size // pc.mini_batches,
         gradient_accumulation_steps=pc.mini_batches, num_mini_batches=pc.mini_batches, num_ppo_epochs=pc.ppo_epochs,
         total_episodes=remaining * pc.batch_size * world, local_rollout_forward_batch_size=pc.batch_size,
         response_length=pc.response_length, temperature=pc.temperature, kl_coef=pc.kl_coef, kl_estimator=pc.kl_estimator,
         missing_eos_penalty=pc.missing_eos_penalty, cliprange=pc.cliprange, cliprange_value=pc.cliprange_value,
-        vf_coef=pc.vf_coef, whiten_rewards=pc.whiten_rewards, stop_token="eos", num_sample_generations=0,
+        vf_coef=pc.vf_coef, whiten_rewards=pc.whiten_rewards, gamma=pc.gamma, lam=pc.lam,
+        stop_token="eos", num_sample_generations=0,
         logging_steps=1, save_strategy="no", report_to=[] if pc.report_to == "none" else [pc.report_to],
         seed=cfg.run.seed + done, lr_scheduler_type=pc.lr_scheduler,
         gradient_checkpointing=False, dataloader_num_workers=0, **trainer_precision(mc),

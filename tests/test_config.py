@@ -24,6 +24,7 @@ def test_nested_override_and_list_from_comma():
     (["sft.lr=1"], "unknown field(s) sft.lr"),
     (["sft.max_steps=abc"], "sft.max_steps expects int"),
     (["ppo.batch_size=7"], "divisible by ppo.mini_batches"),
+    (["ppo.lam=1.5"], "ppo.lam must be in [0, 1]"),
     (["data.mode=rerank", "data.num_candidates=3"], "must exceed data.k"),
     (["data.source=movielens"], "needs data.path"),
     (["eval.stages=base,dpo"], "unknown ['dpo']"),
