@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main() -> None:
     from reward_models.composite import PromptContext
     from rlhf.config import load_config
-    from rlhf.evaluate import Context, _load_composite
+    from rlhf.evaluate import Context, load_composite
     from rlhf.explain import explain
     from rlhf.listing import parse_and_ground, render
     from rlhf.runs import RunDir
@@ -44,7 +44,7 @@ def main() -> None:
     ctx = Context(RunDir(run_dir), "test", args.users)
     if ctx.sim is None:
         raise SystemExit(f"{run_dir}: the data did not come from the simulator, so true utility is unknown")
-    composite = _load_composite(run_dir, ctx, cfg)
+    composite = load_composite(run_dir, ctx, cfg)
     if composite is None:
         raise SystemExit(f"{run_dir}: no reward model (run `rlhf reward --run {run_dir}` first)")
     sim, catalog, k = ctx.sim, ctx.catalog, ctx.meta["k"]

@@ -203,7 +203,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir, ["eval"])
     torch.manual_seed(cfg.run.seed)
-    composite = _load_composite(run_dir, ctx, cfg)
+    composite = load_composite(run_dir, ctx, cfg)
     cold = [j for j, r in enumerate(ctx.rows) if r["cold_start"]]
     results, notes, examples = {"k": k, "mode": ctx.meta["mode"], "split": ec.split, "users": len(ctx.rows),
                                 "stages": {}, "baselines": {}, "cold_start": {"users": len(cold), "stages": {},
@@ -290,7 +290,8 @@ def _subset(ctx, idx, lists, k, expl=None, counts=None):
                         [counts[j] for j in idx] if counts else None, rows=[ctx.rows[j] for j in idx])
 
 
-def _load_composite(run_dir: Path, ctx: Context, cfg: Config):
+def load_composite(run_dir: Path, ctx: Context, cfg: Config):
+    """The run's composite reward (learned score + rule terms, the recipe's weights), or None without a reward model."""
     rm = run_dir / "reward" / "model"
     if not rm.exists():
         return None
