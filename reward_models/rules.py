@@ -6,6 +6,7 @@ multiplies each by its weight from ``ppo.rules``.
 
 from __future__ import annotations
 
+import math
 import re
 
 from rlhf.catalog import Catalog, normalise
@@ -30,6 +31,23 @@ def explanation_tied(explanation: str, history_ids: list[str], catalog: Catalog)
             return True
         genres.update(normalise(g) for g in it.genres)
     return any(g and re.search(rf"\b{re.escape(g)}\b", text) for g in genres)
+
+
+_RATING_CLAIM = re.compile(r"\b(?:like|by) (.+?),? which you rated (\d(?:\.\d+)?) ?/ ?5")
+
+
+def rating_claims(explanation: str, shown: list[tuple[str, float | None]], catalog: Catalog) -> list[bool]:
+    """One bool per "like <title>, which you rated N/5" claim in the explanation: True when the shown
+    history has that title with that rating. A title the history lacks, or has unrated, is a false claim."""
+    ratings: dict[str, float | None] = {}
+    for hid, rating in shown:
+        if hid in catalog:
+            ratings[normalise(catalog[hid].title)] = rating
+    out = []
+    for title, stated in _RATING_CLAIM.findall(explanation):
+        actual = ratings.get(normalise(title))
+        out.append(actual is not None and not math.isnan(actual) and round(actual) == round(float(stated)))
+    return out
 
 
 def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], catalog: Catalog,

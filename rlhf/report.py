@@ -13,7 +13,8 @@ from rlhf.metrics import describe_eval
 
 TABLE_METRICS = ["valid_rate", "grounded_rate", "hr@{k}", "ndcg@{k}", "recall@{k}", "hr@1", "true_utility", "sim_ctr",
                  "duplicate_rate", "history_repeat_rate", "out_of_candidates_rate", "coverage", "novelty", "diversity",
-                 "popularity_bias", "faithfulness", "explanation_words", "reward/reward", "reward/learned", "kl_to_sft"]
+                 "popularity_bias", "faithfulness", "rating_claims_correct", "explanation_words", "reward/reward",
+                 "reward/learned", "kl_to_sft"]
 
 
 def _fmt(v) -> str:

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from reward_models.rules import explanation_tied, rule_terms, weighted_sum
+from reward_models.rules import explanation_tied, rating_claims, rule_terms, weighted_sum
 from rlhf import metrics as M
 from rlhf.catalog import Catalog
 from rlhf.config import RuleWeights
@@ -94,3 +94,14 @@ def test_explanation_tie(catalog):
     assert explanation_tied("more crime", h, catalog)
     assert not explanation_tied("you will love it", h, catalog)
     assert not explanation_tied("", h, catalog)
+
+
+def test_rating_claims_checked_against_the_shown_history(catalog):
+    heat, alien = _ids(catalog, "Heat") + _ids(catalog, "Alien")
+    shown = [(heat, 5.0), (alien, None)]
+    assert rating_claims("crime like Heat, which you rated 5/5", shown, catalog) == [True]
+    assert rating_claims("crime like Heat, which you rated 3/5", shown, catalog) == [False]   # wrong rating
+    assert rating_claims("sci-fi like Alien, which you rated 4/5", shown, catalog) == [False]  # never rated
+    assert rating_claims("like Vertigo, which you rated 5/5", shown, catalog) == [False]      # not in history
+    assert rating_claims("action like Heat (1995), which you rated 5/5 and Alien", shown, catalog) == [True]
+    assert rating_claims("a crime epic like Heat", shown, catalog) == []                      # no claim made

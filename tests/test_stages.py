@@ -191,7 +191,8 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     assert set(m["baselines"]) == {"popularity", "itemknn", "ease"}
     for name in ("hr@3", "ndcg@3", "recall@3", "hr@1", "valid_rate", "grounded_rate", "duplicate_rate",
                  "history_repeat_rate", "coverage", "novelty", "diversity", "popularity_bias", "true_utility",
-                 "sim_ctr", "faithfulness", "explanation_words", "reward/reward", "reward/learned", "kl_to_sft"):
+                 "sim_ctr", "faithfulness", "rating_claims_correct", "explanation_words", "reward/reward",
+                 "reward/learned", "kl_to_sft"):
         assert name in m["stages"]["ppo"], name
     assert m["baselines"]["ease"]["valid_rate"] == 1.0
     assert m["stages"]["ppo"]["kl_to_sft"] is not None
