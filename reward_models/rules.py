@@ -33,7 +33,8 @@ def explanation_tied(explanation: str, history_ids: list[str], catalog: Catalog)
     return any(g and re.search(rf"\b{re.escape(g)}\b", text) for g in genres)
 
 
-_RATING_CLAIM = re.compile(r"\b(?:like|by) (.+?),? which you rated (\d(?:\.\d+)?) ?/ ?5")
+# the title is what follows the last "like " before the claim ("also by Mann, like Heat, which you rated 5/5")
+_RATING_CLAIM = re.compile(r"\blike ((?:(?!\blike ).)+?),? which you rated (\d(?:\.\d+)?) ?/ ?5")
 
 
 def rating_claims(explanation: str, shown: list[tuple[str, float | None]], catalog: Catalog) -> list[bool]:

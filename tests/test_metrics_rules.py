@@ -105,3 +105,5 @@ def test_rating_claims_checked_against_the_shown_history(catalog):
     assert rating_claims("like Vertigo, which you rated 5/5", shown, catalog) == [False]      # not in history
     assert rating_claims("action like Heat (1995), which you rated 5/5 and Alien", shown, catalog) == [True]
     assert rating_claims("a crime epic like Heat", shown, catalog) == []                      # no claim made
+    assert rating_claims("also by Michael Mann, like Heat, which you rated 5/5", shown, catalog) == [True]
+    assert rating_claims("heists like Ocean's, like Heat, which you rated 5/5", shown, catalog) == [True]
