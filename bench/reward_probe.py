@@ -90,7 +90,7 @@ def main() -> None:
     print(f"{'listing':44s} {'n':>4s} {'corr':>6s} {'learned':>8s} {'truth':>6s}")
     for name, items in kinds.items():
         scored = composite.score_texts([r["prompt"] for r, _, _ in items], [t for _, t, _ in items],
-                                       [PromptContext(r["history_ids"], r["candidate_ids"]) for r, _, _ in items])
+                                       [PromptContext.from_row(r) for r, _, _ in items])
         learned = np.array([s["learned"] for s in scored])
         truth = np.array([sim.list_utility(sim.user(r["user_id"]), ids[:k], set(r["history_ids"]), k)
                           for r, _, ids in items])

@@ -27,6 +27,13 @@ class PromptContext:
     history_ids: list
     candidate_ids: list
     user_id: str | None = None
+    shown: list | None = None  # (item id, rating) pairs the prompt showed
+
+    @classmethod
+    def from_row(cls, row: dict) -> "PromptContext":
+        """From a prompt row of the data stage (prompts/*.parquet)."""
+        shown = [(h["item_id"], h["rating"]) for h in row["shown"]] if row.get("shown") is not None else None
+        return cls(list(row["history_ids"]), list(row.get("candidate_ids") or []), row.get("user_id"), shown)
 
 
 class _Backbone(nn.Module):
@@ -59,9 +66,8 @@ class CompositeReward(nn.Module):
             p.requires_grad_(False)
 
     # -- prompt registry -----------------------------------------------------------------------
-    def register(self, prompt_ids: list[int], history_ids: list, candidate_ids: list | None = None,
-                 user_id: str | None = None) -> None:
-        self.contexts[tuple(prompt_ids)] = PromptContext(list(history_ids), list(candidate_ids or []), user_id)
+    def register(self, prompt_ids: list[int], ctx: PromptContext) -> None:
+        self.contexts[tuple(prompt_ids)] = ctx
 
     def _split(self, ids: list[int]) -> tuple[tuple, list[int]]:
         """(prompt ids up to and including the last assistant header, response ids)."""
@@ -82,7 +88,7 @@ class CompositeReward(nn.Module):
         """(rule terms, true utility or None) of one response."""
         entries = parse_and_ground(response_text, self.catalog)
         terms = rule_terms(entries, self.k, ctx.history_ids if ctx else [], self.catalog,
-                           ctx.candidate_ids if ctx else None)
+                           ctx.candidate_ids if ctx else None, ctx.shown if ctx else None)
         truth = None
         if self.truth is not None and ctx is not None and ctx.user_id is not None:
             truth = self.truth(ctx.user_id, [e.item_id for e in entries], ctx.history_ids)

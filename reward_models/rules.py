@@ -12,7 +12,8 @@ import re
 from rlhf.catalog import Catalog, normalise
 from rlhf.listing import GroundedEntry
 
-TERMS = ("parses", "has_k", "in_catalog", "no_duplicates", "not_in_history", "in_candidates", "explained")
+TERMS = ("parses", "has_k", "in_catalog", "no_duplicates", "not_in_history", "in_candidates", "explained",
+         "misquoted")
 
 
 def explanation_tied(explanation: str, history_ids: list[str], catalog: Catalog) -> bool:
@@ -52,11 +53,12 @@ def rating_claims(explanation: str, shown: list[tuple[str, float | None]], catal
 
 
 def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], catalog: Catalog,
-               candidate_ids: list[str] | None = None) -> dict[str, float]:
+               candidate_ids: list[str] | None = None,
+               shown: list[tuple[str, float | None]] | None = None) -> dict[str, float]:
+    """``shown``: the (item id, rating) pairs the prompt showed, for checking quoted ratings."""
     n = len(entries)
     if n == 0:
-        return {"parses": 0.0, "has_k": 0.0, "in_catalog": 0.0, "no_duplicates": 0.0, "not_in_history": 0.0,
-                "in_candidates": 0.0, "explained": 0.0}
+        return dict.fromkeys(TERMS, 0.0)
     ids = [e.item_id for e in entries]
     grounded = [i for i in ids if i is not None]
     history = set(history_ids)
@@ -73,6 +75,9 @@ def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], cat
         "not_in_history": -sum(i in history for i in grounded) / n,
         "in_candidates": 0.0,
         "explained": sum(explanation_tied(e.explanation, history_ids, catalog) for e in entries) / n,
+        # reasons that quote a rating the prompt did not show ("which you rated 5/5" for a 3/5 film)
+        "misquoted": -sum(not all(rating_claims(e.explanation, shown, catalog)) for e in entries) / n
+        if shown is not None else 0.0,
     }
     if candidate_ids:
         cands = set(candidate_ids)

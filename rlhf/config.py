@@ -196,6 +196,7 @@ class RuleWeights:
     not_in_history: float = _f(0.5, "penalty share of items the user already has")
     in_candidates: float = _f(1.0, "rerank: share of items from the candidate set")
     explained: float = _f(0.5, "share of items with an explanation tied to the history")
+    misquoted: float = _f(0.0, "penalty share of reasons quoting a rating the prompt did not show (0: off)")
 
 
 @dataclass

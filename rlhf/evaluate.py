@@ -235,7 +235,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
             per_user[stage] = {}
             m = list_metrics(ctx, lists, k, expl, counts, per_user=per_user[stage])
             if composite is not None:
-                scored = composite.score_texts(prompts, texts, [PromptContext(r["history_ids"], r["candidate_ids"]) for r in ctx.rows])
+                scored = composite.score_texts(prompts, texts, [PromptContext.from_row(r) for r in ctx.rows])
                 for name in scored[0]:
                     m[f"reward/{name}"] = M.mean([s[name] for s in scored])
                 per_user[stage]["reward"] = [s["reward"] for s in scored]

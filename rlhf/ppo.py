@@ -282,7 +282,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from peft import get_peft_model
     from trl.experimental.ppo import PPOConfig
 
-    from reward_models.composite import CompositeReward
+    from reward_models.composite import CompositeReward, PromptContext
     from reward_models.train import load_reward_model
     from rlhf.models import load_causal_lm, load_tokenizer, lora_config, truncate_layers
     from rlhf.sft import trainer_precision
@@ -337,7 +337,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
                                 truth=simulator_truth(catalog, meta))
     for p in prompts:
         r = p["row"]
-        composite.register(p["input_ids"], r["history_ids"], r.get("candidate_ids"), r["user_id"])
+        composite.register(p["input_ids"], PromptContext.from_row(r))
 
     remaining = pc.total_updates - done
     world = state.num_processes
@@ -397,7 +397,7 @@ def _write_samples(policy, tokenizer, run: RunDir, composite, path: Path, pc) ->
         return
     texts = generate(policy, tokenizer, [r["prompt"] for r in rows], max_new_tokens=pc.response_length)
     scores = composite.score_texts([r["prompt"] for r in rows], texts,
-                                   [PromptContext(r["history_ids"], r.get("candidate_ids") or []) for r in rows])
+                                   [PromptContext.from_row(r) for r in rows])
     with open(path, "w") as f:
         for r, t, s in zip(rows, texts, scores):
             f.write(json.dumps({"user_id": r["user_id"], "text": t, **s}) + "\n")

@@ -64,7 +64,7 @@ def test_rule_terms_on_crafted_listings(catalog):
                             "3. Halloween (1978) — horror like Alien", catalog)
     t = rule_terms(good, 3, history, catalog)
     assert t == {"parses": 1.0, "has_k": 1.0, "in_catalog": 1.0, "no_duplicates": 0.0, "not_in_history": 0.0,
-                 "in_candidates": 0.0, "explained": 1.0}
+                 "in_candidates": 0.0, "explained": 1.0, "misquoted": 0.0}
     bad = parse_and_ground("1. Alien (1979) — great\n2. Aliens (1986) — \n3. Aliens (1986) — again\n"
                            "4. Blorp Zorp (2030) — horror", catalog)
     t = rule_terms(bad, 3, history, catalog)
@@ -107,3 +107,12 @@ def test_rating_claims_checked_against_the_shown_history(catalog):
     assert rating_claims("a crime epic like Heat", shown, catalog) == []                      # no claim made
     assert rating_claims("also by Michael Mann, like Heat, which you rated 5/5", shown, catalog) == [True]
     assert rating_claims("heists like Ocean's, like Heat, which you rated 5/5", shown, catalog) == [True]
+
+    # as a reward term: one of three reasons misquotes, the others quote correctly or quote nothing
+    entries = parse_and_ground("1. Fargo (1996) — crime like Heat, which you rated 5/5\n"
+                               "2. Zodiac (2007) — crime like Heat, which you rated 2/5\n"
+                               "3. Aliens (1986) — sci-fi like Alien", catalog)
+    history = [heat, alien]
+    assert rule_terms(entries, 3, history, catalog, shown=shown)["misquoted"] == pytest.approx(-1 / 3)
+    assert rule_terms(entries, 3, history, catalog)["misquoted"] == 0.0   # nothing shown: not checked
+    assert RuleWeights().misquoted == 0.0                                     # off unless a recipe sets it

@@ -115,9 +115,9 @@ def test_composite_reward_through_trl_get_reward(tiny_reward):
     row = run.rows("prompts/train.parquet")[0]
     good = "1. Heat (1995) — crime like Heat\n2. Fargo (1996) — crime\n3. Zodiac (2007) — crime"
     bad = "1. Nothing Real (2099) — hm\n2. Nothing Real (2099) — hm"
-    ctx = PromptContext(row["history_ids"], [], row["user_id"])
+    ctx = PromptContext.from_row(row)
     q = prompt_ids(tok, row["prompt"])
-    comp.register(q, row["history_ids"], [], row["user_id"])
+    comp.register(q, ctx)
     seqs = [q + response_ids(tok, good), q + response_ids(tok, bad)]
     width = max(map(len, seqs))
     # TRL's layout: left-padded query, right-padded response
