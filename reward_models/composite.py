@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from reward_models.rules import TERMS, rule_terms, weighted_sum
+from reward_models.rules import TERMS, rule_terms, shown_pairs, weighted_sum
 from rlhf.listing import parse_and_ground
 
 ASSISTANT_HEADER = "<|im_start|>assistant\n"
@@ -32,8 +32,8 @@ class PromptContext:
     @classmethod
     def from_row(cls, row: dict) -> "PromptContext":
         """From a prompt row of the data stage (prompts/*.parquet)."""
-        shown = [(h["item_id"], h["rating"]) for h in row["shown"]] if row.get("shown") is not None else None
-        return cls(list(row["history_ids"]), list(row.get("candidate_ids") or []), row.get("user_id"), shown)
+        return cls(list(row["history_ids"]), list(row.get("candidate_ids") or []), row.get("user_id"),
+                   shown_pairs(row))
 
 
 class _Backbone(nn.Module):

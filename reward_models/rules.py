@@ -38,6 +38,11 @@ def explanation_tied(explanation: str, history_ids: list[str], catalog: Catalog)
 _RATING_CLAIM = re.compile(r"\blike ((?:(?!\blike ).)+?),? which you rated (\d(?:\.\d+)?) ?/ ?5")
 
 
+def shown_pairs(row: dict) -> list[tuple[str, float | None]] | None:
+    """The (item id, rating) pairs a prompt row of the data stage showed; None for rows without them."""
+    return [(h["item_id"], h["rating"]) for h in row["shown"]] if row.get("shown") is not None else None
+
+
 def rating_claims(explanation: str, shown: list[tuple[str, float | None]], catalog: Catalog) -> list[bool]:
     """One bool per "like <title>, which you rated N/5" claim in the explanation: True when the shown
     history has that title with that rating. A title the history lacks, or has unrated, is a false claim."""

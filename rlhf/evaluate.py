@@ -68,7 +68,7 @@ def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[lis
     """Accuracy, health, beyond-accuracy and simulator metrics for one list per held-out row
     (``rows`` defaults to all of the context's rows). ``per_user``, when given, receives each row's
     true utility under "true_utility" (for paired comparisons of stages)."""
-    from reward_models.rules import explanation_tied, rating_claims
+    from reward_models.rules import explanation_tied, rating_claims, shown_pairs
 
     acc = {f"hr@{k}": [], f"ndcg@{k}": [], f"recall@{k}": [], "hr@1": [], "valid": [], "grounded": [], "dup": [],
            "hist": [], "outc": [], "nov": [], "div": [], "popb": [], "util": [], "ctr": [], "faith": [], "elen": [],
@@ -108,9 +108,9 @@ def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[lis
             ex = explanations[j]
             acc["faith"].extend(float(explanation_tied(e, row["history_ids"], ctx.catalog)) for e in ex)
             acc["elen"].extend(len(e.split()) for e in ex)
-            shown = [(h["item_id"], h["rating"]) for h in row.get("shown") or []]
-            for e in ex:
-                acc["claims"].extend(float(c) for c in rating_claims(e, shown, ctx.catalog))
+            shown = shown_pairs(row)  # None: the data has no shown ratings to check claims against
+            if shown is not None:
+                acc["claims"].extend(float(c) for e in ex for c in rating_claims(e, shown, ctx.catalog))
     out = {name: M.mean(acc[name]) for name in acc if "@" in name}
     out.update({
         "valid_rate": M.mean(acc["valid"]), "grounded_rate": M.mean(acc["grounded"]) or 0.0,
