@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup system-deps test demo clean-venv
+.PHONY: setup system-deps lint test demo clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ system-deps:
 	  else echo "warning: missing$$missing; install with: apt-get install$$missing"; fi; \
 	fi
 
-test: setup system-deps
+# ruff (configured in pyproject.toml): a lint error or unformatted file fails `make test`, and so CI
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup system-deps lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 demo: setup

@@ -19,7 +19,7 @@ def run_child(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float]:
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024 ** 2
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()), usage.ru_maxrss / 1024**2
 
 
 def device() -> str:
@@ -32,8 +32,12 @@ def device() -> str:
 
 
 def add_dtype_arg(parser) -> None:
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                        help="weights and compute (auto: bfloat16 on a GPU, float32 on CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights and compute (auto: bfloat16 on a GPU, float32 on CPU)",
+    )
 
 
 def resolve_dtype(value: str) -> str:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import run_child
 
 
@@ -62,17 +61,37 @@ def main() -> None:
             write_movielens(src, args.rows, args.users, args.items)
         gen_s = time.time() - t0
         t0 = time.time()
-        proc, peak = run_child([sys.executable, "-m", "rlhf", "data", "prepare", "--source", "movielens", "--path",
-                                str(src), "--out", str(Path(tmp) / "run"), "--model", "smollm2-135m", "data.k=5"])
+        proc, peak = run_child(
+            [
+                sys.executable,
+                "-m",
+                "rlhf",
+                "data",
+                "prepare",
+                "--source",
+                "movielens",
+                "--path",
+                str(src),
+                "--out",
+                str(Path(tmp) / "run"),
+                "--model",
+                "smollm2-135m",
+                "data.k=5",
+            ]
+        )
         secs = time.time() - t0
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         summary = json.loads((Path(tmp) / "run" / "data" / "summary.json").read_text())
     size = (src / "ratings.csv").stat().st_size if args.keep else None
-    print(f"machine: {os.cpu_count()} CPUs; synthetic MovieLens: {args.rows:,} rows, {args.users:,} users, "
-          f"{args.items:,} items (written in {gen_s:.0f} s{f', {size / 1e6:.0f} MB' if size else ''})")
-    print(f"data prepare: {secs:.0f} s, peak RSS {peak:.2f} GB = {peak * 1e9 / max(args.rows, 1):.0f} bytes/row; "
-          f"kept {summary['interactions']:,} interactions of {summary['users']:,} users; rows {summary['rows']}")
+    print(
+        f"machine: {os.cpu_count()} CPUs; synthetic MovieLens: {args.rows:,} rows, {args.users:,} users, "
+        f"{args.items:,} items (written in {gen_s:.0f} s{f', {size / 1e6:.0f} MB' if size else ''})"
+    )
+    print(
+        f"data prepare: {secs:.0f} s, peak RSS {peak:.2f} GB = {peak * 1e9 / max(args.rows, 1):.0f} bytes/row; "
+        f"kept {summary['interactions']:,} interactions of {summary['users']:,} users; rows {summary['rows']}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,25 +30,43 @@ def ours(run: Path, args) -> dict:
         work.mkdir()
         for part in ("data", "sft", "reward"):
             os.symlink((run / part).resolve(), work / part)
-        cmd = [sys.executable, "-m", "rlhf", "ppo", "--run", str(work), "--config", args.config,
-               f"ppo.total_updates={args.updates}", f"ppo.batch_size={args.batch}", f"ppo.response_length={args.response_length}",
-               f"ppo.ppo_epochs={args.epochs}", f"ppo.mini_batches={args.mini_batches}", "ppo.checkpoint_every=1000",
-               f"ppo.value_layers={args.value_layers}", f"ppo.temperature={args.temperature}",
-               f"model.dtype={args.dtype}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlhf",
+            "ppo",
+            "--run",
+            str(work),
+            "--config",
+            args.config,
+            f"ppo.total_updates={args.updates}",
+            f"ppo.batch_size={args.batch}",
+            f"ppo.response_length={args.response_length}",
+            f"ppo.ppo_epochs={args.epochs}",
+            f"ppo.mini_batches={args.mini_batches}",
+            "ppo.checkpoint_every=1000",
+            f"ppo.value_layers={args.value_layers}",
+            f"ppo.temperature={args.temperature}",
+            f"model.dtype={args.dtype}",
+        ]
         t0 = time.time()
         proc, peak = run_child(cmd)
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
-        rows = [json.loads(l) for l in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
     steady = rows[1:] or rows
-    return {"update_s": statistics.median(r["time/update_s"] for r in steady),
-            "generation_s": statistics.median(r["time/generation_s"] for r in steady),
-            "scoring_s": statistics.median(r["time/scoring_s"] for r in steady),
-            "optimisation_s": statistics.median(r["time/optimisation_s"] for r in steady),
-            "peak_gb": peak, "wall_s": time.time() - t0, "gpu_peak_gb": rows[-1].get("memory/gpu_peak_gb")}
+    return {
+        "update_s": statistics.median(r["time/update_s"] for r in steady),
+        "generation_s": statistics.median(r["time/generation_s"] for r in steady),
+        "scoring_s": statistics.median(r["time/scoring_s"] for r in steady),
+        "optimisation_s": statistics.median(r["time/optimisation_s"] for r in steady),
+        "peak_gb": peak,
+        "wall_s": time.time() - t0,
+        "gpu_peak_gb": rows[-1].get("memory/gpu_peak_gb"),
+    }
 
 
-PLAIN = r'''
+PLAIN = r"""
 import json, sys, time, statistics, torch
 from datasets import Dataset
 from peft import LoraConfig
@@ -72,7 +90,8 @@ for m in (rm, value):
     m.config.pad_token_id = tok.pad_token_id
 args = PPOConfig(output_dir=out, learning_rate=1e-4, per_device_train_batch_size=batch // minis,
                  gradient_accumulation_steps=minis, num_mini_batches=minis, num_ppo_epochs=epochs,
-                 total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp, temperature=temp,
+                 total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp,
+                 temperature=temp,
                  stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[],
                  bf16=dtype == torch.bfloat16, use_cpu=not cuda, gradient_checkpointing=False)
 times, mark, spent = [], [time.time()], {"generation": 0.0, "scoring": 0.0}
@@ -106,15 +125,28 @@ upd = med(times)
 gpu = round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None
 print(json.dumps({"update_s": upd, "generation_s": gen, "scoring_s": score, "optimisation_s": upd - gen - score,
                   "gpu_peak_gb": gpu}))
-'''
+"""
 
 
 def plain(run: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        proc, peak = run_child([sys.executable, "-c", PLAIN, str(run), str(args.updates), str(args.batch),
-                                str(args.response_length), str(args.epochs), str(args.mini_batches), tmp,
-                                str(args.temperature), args.dtype])
+        proc, peak = run_child(
+            [
+                sys.executable,
+                "-c",
+                PLAIN,
+                str(run),
+                str(args.updates),
+                str(args.batch),
+                str(args.response_length),
+                str(args.epochs),
+                str(args.mini_batches),
+                tmp,
+                str(args.temperature),
+                args.dtype,
+            ]
+        )
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -143,16 +175,22 @@ def main() -> None:
     args = p.parse_args()
     args.dtype = resolve_dtype(args.dtype)
     run = Path(args.run)
-    print(f"machine: {device()}; {args.dtype}; batch {args.batch} x {args.response_length} new tokens, "
-          f"{args.epochs} epochs x {args.mini_batches} mini-batches, {args.updates} updates (first is warm-up)")
+    print(
+        f"machine: {device()}; {args.dtype}; batch {args.batch} x {args.response_length} new tokens, "
+        f"{args.epochs} epochs x {args.mini_batches} mini-batches, {args.updates} updates (first is warm-up)"
+    )
     a = ours(run, args)
-    print(f"ours : {a['update_s']:.1f} s/update (generation {a['generation_s']:.1f}, scoring {a['scoring_s']:.1f}, "
-          f"optimisation {a['optimisation_s']:.1f}); peak RSS {a['peak_gb']:.1f} GB{_gpu(a)}")
+    print(
+        f"ours : {a['update_s']:.1f} s/update (generation {a['generation_s']:.1f}, scoring {a['scoring_s']:.1f}, "
+        f"optimisation {a['optimisation_s']:.1f}); peak RSS {a['peak_gb']:.1f} GB{_gpu(a)}"
+    )
     if args.skip_plain:
         return
     b = plain(run, args)
-    print(f"plain: {b['update_s']:.1f} s/update (generation {b['generation_s']:.1f}, scoring {b['scoring_s']:.1f}, "
-          f"rest {b['optimisation_s']:.1f}); peak RSS {b['peak_gb']:.1f} GB{_gpu(b)}")
+    print(
+        f"plain: {b['update_s']:.1f} s/update (generation {b['generation_s']:.1f}, scoring {b['scoring_s']:.1f}, "
+        f"rest {b['optimisation_s']:.1f}); peak RSS {b['peak_gb']:.1f} GB{_gpu(b)}"
+    )
     print(f"ratio ours/plain = {a['update_s'] / b['update_s']:.2f}")
 
 

@@ -22,8 +22,9 @@ def build(path: str):
 
     from rlhf.models import quantization_config
 
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization_config(True),
-                                                 dtype=torch.bfloat16, device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=quantization_config(True), dtype=torch.bfloat16, device_map={"": "cpu"}
+    )
     model = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     peft_module_casting_to_bf16(model)
     return model

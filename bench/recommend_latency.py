@@ -44,19 +44,32 @@ def main() -> None:
         raise SystemExit(f"stage {args.stage} is not trained in {run_dir}")
     import torch
 
-    print(f"machine: {device()}, torch threads {torch.get_num_threads()}; stage {args.stage}, "
-          f"{len(rows) - 1} users, up to {args.max_new_tokens} new tokens, greedy, batch 1")
+    print(
+        f"machine: {device()}, torch threads {torch.get_num_threads()}; stage {args.stage}, "
+        f"{len(rows) - 1} users, up to {args.max_new_tokens} new tokens, greedy, batch 1"
+    )
     for constrained in (False, True):
         secs, grounded = [], []
         for i, r in enumerate(rows):
             t0 = time.perf_counter()
-            out = recommend(run_dir, cfg.model, args.stage, r["history_ids"], k, constrained, args.max_new_tokens,
-                            prompt=r["prompt"], loaded=loaded)
-            if i:   # the first call warms up
+            out = recommend(
+                run_dir,
+                cfg.model,
+                args.stage,
+                r["history_ids"],
+                k,
+                constrained,
+                args.max_new_tokens,
+                prompt=r["prompt"],
+                loaded=loaded,
+            )
+            if i:  # the first call warms up
                 secs.append(time.perf_counter() - t0)
                 grounded.append(np.mean([it["in_catalog"] for it in out["items"]]) if out["items"] else 0.0)
-        print(f"{'constrained' if constrained else 'free':>11}: p50 {np.percentile(secs, 50):.2f} s, "
-              f"p95 {np.percentile(secs, 95):.2f} s; items grounded {np.mean(grounded):.2f}")
+        print(
+            f"{'constrained' if constrained else 'free':>11}: p50 {np.percentile(secs, 50):.2f} s, "
+            f"p95 {np.percentile(secs, 95):.2f} s; items grounded {np.mean(grounded):.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -79,9 +79,9 @@ def main() -> None:
     kinds: dict[str, list[tuple[dict, str, list]]] = {}
     for stage, texts in written.items():
         rows = [r for r in ctx.rows if r["user_id"] in texts]
-        kinds[f"{stage}, as written"] = [(r, texts[r["user_id"]],
-                                          [e.item_id for e in parse_and_ground(texts[r["user_id"]], catalog)])
-                                         for r in rows]
+        kinds[f"{stage}, as written"] = [
+            (r, texts[r["user_id"]], [e.item_id for e in parse_and_ground(texts[r["user_id"]], catalog)]) for r in rows
+        ]
         kinds[f"{stage}, catalog titles + template reasons"] = [(r, *canonical(r, texts[r["user_id"]])) for r in rows]
     kinds["random catalog listing"] = [(r, *catalog_listing(r, False)) for r in ctx.rows]
     kinds["user's best item + 2 random"] = [(r, *catalog_listing(r, True)) for r in ctx.rows]
@@ -89,11 +89,15 @@ def main() -> None:
     print(f"reward model of {run_dir} against simulator true utility ({len(ctx.rows)} held-out users)")
     print(f"{'listing':44s} {'n':>4s} {'corr':>6s} {'learned':>8s} {'truth':>6s}")
     for name, items in kinds.items():
-        scored = composite.score_texts([r["prompt"] for r, _, _ in items], [t for _, t, _ in items],
-                                       [PromptContext.from_row(r) for r, _, _ in items])
+        scored = composite.score_texts(
+            [r["prompt"] for r, _, _ in items],
+            [t for _, t, _ in items],
+            [PromptContext.from_row(r) for r, _, _ in items],
+        )
         learned = np.array([s["learned"] for s in scored])
-        truth = np.array([sim.list_utility(sim.user(r["user_id"]), ids[:k], set(r["history_ids"]), k)
-                          for r, _, ids in items])
+        truth = np.array(
+            [sim.list_utility(sim.user(r["user_id"]), ids[:k], set(r["history_ids"]), k) for r, _, ids in items]
+        )
         corr = np.corrcoef(learned, truth)[0, 1] if learned.std() > 0 and truth.std() > 0 else float("nan")
         print(f"{name:44s} {len(items):4d} {corr:+6.2f} {learned.mean():+8.3f} {truth.mean():6.3f}")
 

@@ -32,18 +32,34 @@ def main() -> None:
         work = Path(tmp) / "run"
         work.mkdir()
         os.symlink((Path(args.run) / "data").resolve(), work / "data")
-        proc, peak = run_child([sys.executable, "-m", "rlhf", "sft", "--run", str(work), "--config", args.config,
-                                f"sft.max_steps={args.steps}", f"sft.batch_size={args.batch}", "sft.num_samples=1",
-                                "sft.logging_steps=1", f"model.dtype={args.dtype}"])
+        proc, peak = run_child(
+            [
+                sys.executable,
+                "-m",
+                "rlhf",
+                "sft",
+                "--run",
+                str(work),
+                "--config",
+                args.config,
+                f"sft.max_steps={args.steps}",
+                f"sft.batch_size={args.batch}",
+                "sft.num_samples=1",
+                "sft.logging_steps=1",
+                f"model.dtype={args.dtype}",
+            ]
+        )
         if proc.returncode:
             raise SystemExit(proc.stderr[-3000:])
-        log = [json.loads(l) for l in (work / "sft" / "log.jsonl").read_text().splitlines()]
+        log = [json.loads(line) for line in (work / "sft" / "log.jsonl").read_text().splitlines()]
         gpu = json.loads((work / "sft" / "metrics.json").read_text()).get("gpu_peak_gb")
     secs = next(r for r in reversed(log) if "train_runtime" in r)["train_runtime"]
-    tokens = next(r for r in reversed(log) if "num_tokens" in r)["num_tokens"]   # a step log, not the summary
+    tokens = next(r for r in reversed(log) if "num_tokens" in r)["num_tokens"]  # a step log, not the summary
     print(f"machine: {device()}; {args.dtype}; {args.steps} steps x batch {args.batch}")
-    print(f"sft: {tokens:.0f} tokens in {secs:.1f} s = {tokens / secs:.0f} tokens/s; "
-          f"{secs / args.steps:.2f} s/step; peak RSS {peak:.1f} GB" + (f", GPU peak {gpu:.1f} GB" if gpu else ""))
+    print(
+        f"sft: {tokens:.0f} tokens in {secs:.1f} s = {tokens / secs:.0f} tokens/s; "
+        f"{secs / args.steps:.2f} s/step; peak RSS {peak:.1f} GB" + (f", GPU peak {gpu:.1f} GB" if gpu else "")
+    )
 
 
 if __name__ == "__main__":

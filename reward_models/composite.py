@@ -30,19 +30,20 @@ class PromptContext:
     shown: list | None = None  # (item id, rating) pairs the prompt showed
 
     @classmethod
-    def from_row(cls, row: dict) -> "PromptContext":
+    def from_row(cls, row: dict) -> PromptContext:
         """From a prompt row of the data stage (prompts/*.parquet)."""
-        return cls(list(row["history_ids"]), list(row.get("candidate_ids") or []), row.get("user_id"),
-                   shown_pairs(row))
+        return cls(list(row["history_ids"]), list(row.get("candidate_ids") or []), row.get("user_id"), shown_pairs(row))
 
 
 class _Backbone(nn.Module):
-    def __init__(self, owner: "CompositeReward"):
+    def __init__(self, owner: CompositeReward):
         super().__init__()
         self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
-        return SimpleNamespace(hidden_states=(self._owner[0].per_position_reward(input_ids, attention_mask, position_ids),))
+        return SimpleNamespace(
+            hidden_states=(self._owner[0].per_position_reward(input_ids, attention_mask, position_ids),)
+        )
 
 
 class CompositeReward(nn.Module):
@@ -73,22 +74,34 @@ class CompositeReward(nn.Module):
         """(prompt ids up to and including the last assistant header, response ids)."""
         h = len(self.header)
         for start in range(len(ids) - h, -1, -1):
-            if ids[start:start + h] == self.header:
-                return tuple(ids[:start + h]), ids[start + h:]
+            if ids[start : start + h] == self.header:
+                return tuple(ids[: start + h]), ids[start + h :]
         return tuple(ids), []
 
     # -- scoring -------------------------------------------------------------------------------
     def learned(self, input_ids, attention_mask, position_ids):
         backbone = getattr(self.rm, self.rm.base_model_prefix)
-        out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       return_dict=True, output_hidden_states=True, use_cache=False)
+        out = backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            return_dict=True,
+            output_hidden_states=True,
+            use_cache=False,
+        )
         return self.rm.score(out.hidden_states[-1]).float()  # [B, T, 1]
 
     def terms_for(self, response_text: str, ctx: PromptContext | None) -> tuple[dict[str, float], float | None]:
         """(rule terms, true utility or None) of one response."""
         entries = parse_and_ground(response_text, self.catalog)
-        terms = rule_terms(entries, self.k, ctx.history_ids if ctx else [], self.catalog,
-                           ctx.candidate_ids if ctx else None, ctx.shown if ctx else None)
+        terms = rule_terms(
+            entries,
+            self.k,
+            ctx.history_ids if ctx else [],
+            self.catalog,
+            ctx.candidate_ids if ctx else None,
+            ctx.shown if ctx else None,
+        )
         truth = None
         if self.truth is not None and ctx is not None and ctx.user_id is not None:
             truth = self.truth(ctx.user_id, [e.item_id for e in entries], ctx.history_ids)
@@ -104,7 +117,7 @@ class CompositeReward(nn.Module):
             prompt, response = self._split(ids)
             eos = self.tokenizer.eos_token_id
             if eos in response:
-                response = response[:response.index(eos)]
+                response = response[: response.index(eos)]
             text = self.tokenizer.decode(response, skip_special_tokens=True)
             texts.append(text)
             terms, truth = self.terms_for(text, self.contexts.get(prompt))
@@ -120,25 +133,30 @@ class CompositeReward(nn.Module):
         total = self.rm_weight * learned + rules
         # where TRL reads the reward: the last real token (queries are left-padded, responses right-padded)
         last = (mask.shape[1] - 1 - mask.flip(1).float().argmax(1)).tolist()
-        self.last_samples = [{"text": t, "reward": float(total[r, last[r], 0]), "learned": float(learned[r, last[r], 0]),
-                              **terms} for r, (t, terms) in enumerate(zip(texts, all_terms))]
+        self.last_samples = [
+            {"text": t, "reward": float(total[r, last[r], 0]), "learned": float(learned[r, last[r], 0]), **terms}
+            for r, (t, terms) in enumerate(zip(texts, all_terms))
+        ]
         return total
 
     @torch.no_grad()
-    def score_texts(self, prompts: list[list[dict]], texts: list[str], contexts: list[PromptContext],
-                    batch_size: int = 16) -> list[dict]:
+    def score_texts(
+        self, prompts: list[list[dict]], texts: list[str], contexts: list[PromptContext], batch_size: int = 16
+    ) -> list[dict]:
         """Composite reward and its parts for finished responses (evaluation); same layout as PPO."""
         from reward_models.encoding import encode, pad_left
 
         device = next(self.rm.parameters()).device
         out = []
         for s in range(0, len(texts), batch_size):
-            seqs = [encode(self.tokenizer, p, t) for p, t in zip(prompts[s:s + batch_size], texts[s:s + batch_size])]
+            seqs = [
+                encode(self.tokenizer, p, t) for p, t in zip(prompts[s : s + batch_size], texts[s : s + batch_size])
+            ]
             ids, mask = pad_left(seqs, self.tokenizer.pad_token_id)
             ids, mask = ids.to(device), mask.to(device)
             pos = (mask.cumsum(1) - mask).clamp(min=0)
             learned = self.learned(ids, mask, pos)[:, -1, 0].tolist()
-            for j, text in enumerate(texts[s:s + batch_size]):
+            for j, text in enumerate(texts[s : s + batch_size]):
                 terms, _ = self.terms_for(text, contexts[s + j])
                 total = self.rm_weight * learned[j] + weighted_sum(terms, self.rules)
                 out.append({"reward": total, "learned": learned[j], **terms})

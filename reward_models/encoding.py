@@ -28,8 +28,8 @@ def pad_left(seqs: list[list[int]], pad_id: int):
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
+        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[r, width - len(s) :] = 1
     return ids, mask
 
 
@@ -40,7 +40,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int =
     device = next(model.parameters()).device
     out: list[float] = []
     for s in range(0, len(seqs), batch_size):
-        ids, mask = pad_left(seqs[s:s + batch_size], pad_id)
+        ids, mask = pad_left(seqs[s : s + batch_size], pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         out.extend(logits[:, 0].float().cpu().tolist())
     return out

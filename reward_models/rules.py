@@ -12,8 +12,7 @@ import re
 from rlhf.catalog import Catalog, normalise
 from rlhf.listing import GroundedEntry
 
-TERMS = ("parses", "has_k", "in_catalog", "no_duplicates", "not_in_history", "in_candidates", "explained",
-         "misquoted")
+TERMS = ("parses", "has_k", "in_catalog", "no_duplicates", "not_in_history", "in_candidates", "explained", "misquoted")
 
 
 def explanation_tied(explanation: str, history_ids: list[str], catalog: Catalog) -> bool:
@@ -57,9 +56,14 @@ def rating_claims(explanation: str, shown: list[tuple[str, float | None]], catal
     return out
 
 
-def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], catalog: Catalog,
-               candidate_ids: list[str] | None = None,
-               shown: list[tuple[str, float | None]] | None = None) -> dict[str, float]:
+def rule_terms(
+    entries: list[GroundedEntry],
+    k: int,
+    history_ids: list[str],
+    catalog: Catalog,
+    candidate_ids: list[str] | None = None,
+    shown: list[tuple[str, float | None]] | None = None,
+) -> dict[str, float]:
     """``shown``: the (item id, rating) pairs the prompt showed, for checking quoted ratings."""
     n = len(entries)
     if n == 0:
@@ -82,7 +86,8 @@ def rule_terms(entries: list[GroundedEntry], k: int, history_ids: list[str], cat
         "explained": sum(explanation_tied(e.explanation, history_ids, catalog) for e in entries) / n,
         # reasons that quote a rating the prompt did not show ("which you rated 5/5" for a 3/5 film)
         "misquoted": -sum(not all(rating_claims(e.explanation, shown, catalog)) for e in entries) / n
-        if shown is not None else 0.0,
+        if shown is not None
+        else 0.0,
     }
     if candidate_ids:
         cands = set(candidate_ids)

@@ -46,9 +46,12 @@ def pairwise_accuracy(model, tokenizer, examples: list[dict]) -> dict:
         h = float(c > r)
         hits.append(h)
         by.setdefault(source_family(e["source"]), []).append(h)
-    return {"overall": sum(hits) / len(hits), "n": len(hits),
-            "by_source": {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(by.items())},
-            "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(hits)}
+    return {
+        "overall": sum(hits) / len(hits),
+        "n": len(hits),
+        "by_source": {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(by.items())},
+        "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(hits),
+    }
 
 
 def load_reward_model(path: str | Path, dtype: str = "float32"):
@@ -74,8 +77,10 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     rc, mc = cfg.reward, cfg.model
     rows, report = load_pairs(run_dir, rc.sources)
     if not rows:
-        raise ValueError(f"no preference pairs for sources {rc.sources} under {run.data / 'pairs'}; "
-                         "run `rlhf data prepare` (and `rlhf label import` for labels)")
+        raise ValueError(
+            f"no preference pairs for sources {rc.sources} under {run.data / 'pairs'}; "
+            "run `rlhf data prepare` (and `rlhf label import` for labels)"
+        )
     if rc.balance:
         rows = balance(rows, rc.balance_ratio, cfg.run.seed)
     train_rows, val_rows = split_by_user(rows, rc.val_fraction, cfg.run.seed)
@@ -88,7 +93,9 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     if rc.init == "sft" and not sft_merged.exists():
         run.require("sft", sft_merged)
     # the SFT model already reads these prompts; a reward head on it learns faster than on the base
-    base_path = str(sft_merged) if rc.init == "sft" or (rc.init == "auto" and sft_merged.exists()) else resolve_model(mc.name)
+    base_path = (
+        str(sft_merged) if rc.init == "sft" or (rc.init == "auto" and sft_merged.exists()) else resolve_model(mc.name)
+    )
     tokenizer = load_tokenizer(base_path)
     train_ex, long_train = _tokenized(train_rows, tokenizer, rc.max_length, rc.use_margin)
     val_ex, long_val = _tokenized(val_rows, tokenizer, rc.max_length, rc.use_margin)
@@ -104,17 +111,34 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
 
     model = load_truncated(base_path)
     args = TRLRewardConfig(
-        output_dir=str(out / "trainer"), max_steps=rc.max_steps, num_train_epochs=rc.epochs,
-        per_device_train_batch_size=rc.batch_size, gradient_accumulation_steps=rc.grad_accum,
-        learning_rate=rc.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, rc.max_steps // 10),
-        logging_steps=rc.logging_steps, logging_first_step=True, max_length=rc.max_length,
-        center_rewards_coefficient=rc.center_rewards_coefficient or None, save_strategy="no", report_to="none",
-        seed=cfg.run.seed, data_seed=cfg.run.seed, dataloader_num_workers=0, gradient_checkpointing=rc.gradient_checkpointing, **trainer_precision(mc),
+        output_dir=str(out / "trainer"),
+        max_steps=rc.max_steps,
+        num_train_epochs=rc.epochs,
+        per_device_train_batch_size=rc.batch_size,
+        gradient_accumulation_steps=rc.grad_accum,
+        learning_rate=rc.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, rc.max_steps // 10),
+        logging_steps=rc.logging_steps,
+        logging_first_step=True,
+        max_length=rc.max_length,
+        center_rewards_coefficient=rc.center_rewards_coefficient or None,
+        save_strategy="no",
+        report_to="none",
+        seed=cfg.run.seed,
+        data_seed=cfg.run.seed,
+        dataloader_num_workers=0,
+        gradient_checkpointing=rc.gradient_checkpointing,
+        **trainer_precision(mc),
     )
     columns = ["chosen_ids", "rejected_ids"] + (["margin"] if rc.use_margin else [])
-    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
-                            train_dataset=Dataset.from_list([{c: e[c] for c in columns} for e in train_ex]),
-                            peft_config=lora_config(mc, task_type="SEQ_CLS") if mc.use_lora else None)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{c: e[c] for c in columns} for e in train_ex]),
+        peft_config=lora_config(mc, task_type="SEQ_CLS") if mc.use_lora else None,
+    )
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
@@ -127,12 +151,23 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)
     train_acc = pairwise_accuracy(trained, tokenizer, train_ex[: rc.accuracy_on_train])
-    metrics = {"steps": trainer.state.global_step, "seconds": round(seconds, 1), "init": base_path,
-               "pairs": {"read": report["read"], "dropped": report["dropped"], "train": len(train_ex),
-                         "val": len(val_ex), "too_long": long_train + long_val},
-               "val_accuracy": acc["overall"], "val_by_source": acc["by_source"],
-               "val_mean_margin": acc.get("mean_margin"), "train_accuracy_sample": train_acc["overall"],
-               "gpu_peak_gb": gpu_peak_gb()}
+    metrics = {
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 1),
+        "init": base_path,
+        "pairs": {
+            "read": report["read"],
+            "dropped": report["dropped"],
+            "train": len(train_ex),
+            "val": len(val_ex),
+            "too_long": long_train + long_val,
+        },
+        "val_accuracy": acc["overall"],
+        "val_by_source": acc["by_source"],
+        "val_mean_margin": acc.get("mean_margin"),
+        "train_accuracy_sample": train_acc["overall"],
+        "gpu_peak_gb": gpu_peak_gb(),
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     per = ", ".join(f"{s}={v['accuracy']:.3f} (n={v['n']})" for s, v in acc["by_source"].items())
     print(f"reward: {metrics['steps']} steps in {seconds:.0f}s; held-out accuracy {acc['overall']:.3f} [{per}]")

@@ -29,7 +29,9 @@ class Recommender:
                 u_arr.append(users.setdefault(u, len(users)))
                 i_arr.append(j)
         n = max(len(self.item_ids), 1)
-        key = np.unique(np.frombuffer(u_arr, dtype=np.int32).astype(np.int64) * n + np.frombuffer(i_arr, dtype=np.int32))
+        key = np.unique(
+            np.frombuffer(u_arr, dtype=np.int32).astype(np.int64) * n + np.frombuffer(i_arr, dtype=np.int32)
+        )
         return key // n, key % n, len(users)
 
     def _gram(self, u: np.ndarray, i: np.ndarray, n_users: int, chunk: int = 2048) -> np.ndarray:
@@ -97,7 +99,7 @@ class ItemKNN(Recommender):
     def fit(self, pairs):
         u, i, n_users = self._interactions(pairs)
         G = self._gram(u, i, n_users)
-        counts = np.diag(G).copy()          # binary matrix: column sums = diagonal of X^T X
+        counts = np.diag(G).copy()  # binary matrix: column sums = diagonal of X^T X
         norms = np.sqrt(counts) + 1e-8
         S = G / np.outer(norms, norms)
         np.fill_diagonal(S, 0.0)
@@ -120,8 +122,10 @@ class EASE(Recommender):
     def __init__(self, item_ids, l2: float = 200.0):
         super().__init__(item_ids)
         if len(item_ids) > MAX_EASE_ITEMS:
-            raise ValueError(f"EASE needs an items x items inverse; {len(item_ids)} items is over {MAX_EASE_ITEMS}. "
-                             "Use --retriever itemknn or popularity.")
+            raise ValueError(
+                f"EASE needs an items x items inverse; {len(item_ids)} items is over {MAX_EASE_ITEMS}. "
+                "Use --retriever itemknn or popularity."
+            )
         self.l2 = l2
 
     def fit(self, pairs):

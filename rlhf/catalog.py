@@ -37,8 +37,12 @@ class Item:
         return f"{self.title} ({self.year})" if self.year else self.title
 
     def to_record(self) -> dict:
-        return {"item_id": self.item_id, "title": self.title, "attributes": self.attributes,
-                "description": self.description}
+        return {
+            "item_id": self.item_id,
+            "title": self.title,
+            "attributes": self.attributes,
+            "description": self.description,
+        }
 
 
 def normalise(title: str) -> str:
@@ -127,12 +131,18 @@ class Catalog:
 
     # -- persistence ---------------------------------------------------------------------------
     @classmethod
-    def from_records(cls, records) -> "Catalog":
-        return cls([Item(str(r["item_id"]), str(r["title"]), dict(r.get("attributes") or {}),
-                         str(r.get("description") or "")) for r in records])
+    def from_records(cls, records) -> Catalog:
+        return cls(
+            [
+                Item(
+                    str(r["item_id"]), str(r["title"]), dict(r.get("attributes") or {}), str(r.get("description") or "")
+                )
+                for r in records
+            ]
+        )
 
     @classmethod
-    def load_jsonl(cls, path: str | Path) -> "Catalog":
+    def load_jsonl(cls, path: str | Path) -> Catalog:
         path = Path(path)
         records = []
         with path.open(encoding="utf-8") as f:
@@ -149,7 +159,7 @@ class Catalog:
         return cls.from_records(records)
 
     @classmethod
-    def builtin(cls) -> "Catalog":
+    def builtin(cls) -> Catalog:
         return cls.load_jsonl(BUILTIN_CATALOG)
 
     def save_jsonl(self, path: str | Path) -> None:

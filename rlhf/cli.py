@@ -25,8 +25,9 @@ def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF fine-tuning of an LLM recommender: "
-                                     "data -> SFT -> reward model -> PPO -> eval.")
+    parser = argparse.ArgumentParser(
+        prog="rlhf", description="RLHF fine-tuning of an LLM recommender: data -> SFT -> reward model -> PPO -> eval."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     data = sub.add_parser("data", help="prepare datasets from logs or the built-in simulator")
@@ -74,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     label = sub.add_parser("label", help="offline preference-labeling rounds")
     lsub = label.add_subparsers(dest="action", required=True, metavar="ACTION")
-    helps = {"export": "sample held-out prompts and candidate listings into labels/round-NNN/batch.jsonl",
-             "serve": "the labeling page and JSON API on 127.0.0.1", "import": "judgments -> preference pairs",
-             "simulate": "simulated labelers judge the batch, then import (built-in data)"}
+    helps = {
+        "export": "sample held-out prompts and candidate listings into labels/round-NNN/batch.jsonl",
+        "serve": "the labeling page and JSON API on 127.0.0.1",
+        "import": "judgments -> preference pairs",
+        "simulate": "simulated labelers judge the batch, then import (built-in data)",
+    }
     lp = {}
     for name, text in helps.items():
         lp[name] = lsub.add_parser(name, help=text)
@@ -107,11 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
 def _flag_overrides(args) -> list[str]:
     """Map explicit flags onto config fields (they win over the recipe, as overrides do)."""
     section_of = {"data": "data", "eval": "eval"}.get(args.command)
-    fields = {"source": "data.source", "path": "data.path", "min_history": "data.min_history", "mode": "data.mode",
-              "num_candidates": "data.num_candidates", "retriever": "data.retriever", "seed": "data.seed",
-              "sources": "reward.sources", "split": "eval.split", "stages": "eval.stages",
-              "label_stages": "label.stages", "prompts": "label.prompts", "candidates": "label.candidates",
-              "host": "label.host", "port": "label.port", "labelers": "label.labelers", "noise": "label.noise"}
+    fields = {
+        "source": "data.source",
+        "path": "data.path",
+        "min_history": "data.min_history",
+        "mode": "data.mode",
+        "num_candidates": "data.num_candidates",
+        "retriever": "data.retriever",
+        "seed": "data.seed",
+        "sources": "reward.sources",
+        "split": "eval.split",
+        "stages": "eval.stages",
+        "label_stages": "label.stages",
+        "prompts": "label.prompts",
+        "candidates": "label.candidates",
+        "host": "label.host",
+        "port": "label.port",
+        "labelers": "label.labelers",
+        "noise": "label.noise",
+    }
     if section_of:  # --max-users means the data stage's cap or eval's, by command
         fields["max_users"] = f"{section_of}.max_users"
     if args.command == "data":
@@ -125,8 +143,9 @@ def _flag_overrides(args) -> list[str]:
 def _load(args):
     from rlhf.config import load_config
 
-    section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval",
-               "label": "label"}.get(args.command)
+    section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval", "label": "label"}.get(
+        args.command
+    )
     cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)], default_section=section)
     if args.run:
         cfg.run.dir = args.run

@@ -57,8 +57,9 @@ class ModelConfig:
     lora_r: int = _f(16, "LoRA rank")
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.05, "LoRA dropout")
-    lora_target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                                   "modules that get LoRA adapters")
+    lora_target_modules: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "modules that get LoRA adapters"
+    )
     load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4-bit with bitsandbytes (needs CUDA)")
 
     def __post_init__(self):
@@ -71,8 +72,10 @@ class ModelConfig:
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError("model.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; "
-                                  "this machine has none. Drop load_in_4bit to train LoRA in full precision.")
+                raise ConfigError(
+                    "model.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; "
+                    "this machine has none. Drop load_in_4bit to train LoRA in full precision."
+                )
 
 
 @dataclass
@@ -83,7 +86,9 @@ class DataConfig:
     path: str = _f("", "input folder or file (not used by builtin)")
     meta_path: str = _f("", "amazon: metadata JSONL (default: meta*.jsonl beside the reviews)")
     catalog: str = _f("", "builtin: catalog JSONL (default: data/films.jsonl shipped with the project)")
-    columns: dict = _f({}, "generic: column mapping, e.g. {user_id: uid, item_id: iid, timestamp: ts, rating: r, title: name}")
+    columns: dict = _f(
+        {}, "generic: column mapping, e.g. {user_id: uid, item_id: iid, timestamp: ts, rating: r, title: name}"
+    )
     items_path: str = _f("", "generic: optional items file with item_id/title/... columns")
     max_users: int = _f(0, "keep at most this many users (0 = all)")
     min_history: int = _f(3, "users with fewer interactions are dropped")
@@ -108,7 +113,9 @@ class DataConfig:
     seed: int = _f(0, "data seed")
 
     def __post_init__(self):
-        _choice("data.source", self.source, ("builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic"))
+        _choice(
+            "data.source", self.source, ("builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic")
+        )
         _choice("data.mode", self.mode, ("generate", "rerank"))
         _choice("data.retriever", self.retriever, ("ease", "itemknn", "popularity", "random"))
         _choice("data.split", self.split, ("leave-last-out", "temporal"))
@@ -117,8 +124,14 @@ class DataConfig:
         if self.k < 1:
             raise ConfigError(f"data.k must be >= 1, got {self.k}")
         if self.mode == "rerank" and self.num_candidates <= self.k:
-            raise ConfigError(f"data.num_candidates ({self.num_candidates}) must exceed data.k ({self.k}) in rerank mode")
-        if not 0 <= self.val_fraction < 1 or not 0 < self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(
+                f"data.num_candidates ({self.num_candidates}) must exceed data.k ({self.k}) in rerank mode"
+            )
+        if (
+            not 0 <= self.val_fraction < 1
+            or not 0 < self.test_fraction < 1
+            or self.val_fraction + self.test_fraction >= 1
+        ):
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0,1) and sum to < 1")
         if self.source == "generic" and not {"user_id", "item_id"} <= set(self.columns or {"user_id": 1, "item_id": 1}):
             raise ConfigError("data.columns must map at least user_id and item_id for the generic source")
@@ -135,8 +148,11 @@ class TrainCommon:
     epochs: float = _f(1.0, "epochs when max_steps is -1")
     max_length: int = _f(384, "max tokens of prompt + completion")
     logging_steps: int = _f(5, "log every N steps")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory (TRL turns it on by default; off here: "
-                                      "small models on CPU have memory to spare and it costs ~30% speed)")
+    gradient_checkpointing: bool = _f(
+        False,
+        "trade compute for memory (TRL turns it on by default; off here: "
+        "small models on CPU have memory to spare and it costs ~30% speed)",
+    )
     max_train_examples: int = _f(0, "cap on training examples (0 = all)")
 
     def _check_common(self, section: str):
@@ -164,8 +180,11 @@ class RewardConfig(TrainCommon):
     """Reward model on preference pairs. Differs from TRL's RewardConfig: LoRA with the score head saved."""
 
     sources: list = _f(["ratings", "clicks", "simulator", "labels"], "pair sources to train on")
-    layers: int = _f(0, "keep the first N decoder layers of the starting model (0 = all): a shallower reward "
-                        "model trains several times faster per step on CPU")
+    layers: int = _f(
+        0,
+        "keep the first N decoder layers of the starting model (0 = all): a shallower reward "
+        "model trains several times faster per step on CPU",
+    )
     init: str = _f("auto", "start from: sft (RUN_DIR/sft/merged), base (model.name), auto = sft when it exists")
     accuracy_on_train: int = _f(64, "training pairs also scored after training, to tell under- from over-fitting")
     balance: bool = _f(True, "cap every source at the size of the smallest non-empty one x balance_ratio")
@@ -191,8 +210,11 @@ class RuleWeights:
     parses: float = _f(1.0, "listing parses at all")
     has_k: float = _f(1.0, "listing has exactly K items")
     in_catalog: float = _f(1.0, "share of items grounded in the catalog")
-    no_duplicates: float = _f(1.0, "penalty share of duplicate items (with in_catalog counting distinct "
-                                   "items, a repeated title costs 2x what a new one earns)")
+    no_duplicates: float = _f(
+        1.0,
+        "penalty share of duplicate items (with in_catalog counting distinct "
+        "items, a repeated title costs 2x what a new one earns)",
+    )
     not_in_history: float = _f(0.5, "penalty share of items the user already has")
     in_candidates: float = _f(1.0, "rerank: share of items from the candidate set")
     explained: float = _f(0.5, "share of items with an explanation tied to the history")
@@ -219,11 +241,17 @@ class PPOStageConfig:
     vf_coef: float = _f(0.1, "value loss weight")
     whiten_rewards: bool = _f(False, "whiten rewards per batch")
     gamma: float = _f(1.0, "discount over response tokens")
-    lam: float = _f(0.95, "GAE lambda: below 1 the final score reaches a token ~lam^(tokens to the end) weak, "
-                          "so early lines of a long response learn mostly from the value model")
+    lam: float = _f(
+        0.95,
+        "GAE lambda: below 1 the final score reaches a token ~lam^(tokens to the end) weak, "
+        "so early lines of a long response learn mostly from the value model",
+    )
     reward_model_weight: float = _f(1.0, "weight of the learned reward model's score")
-    value_layers: int = _f(0, "value model = the reward model's first N decoder layers + its head (0 = all); "
-                              "fewer layers make PPO's optimisation much cheaper on CPU")
+    value_layers: int = _f(
+        0,
+        "value model = the reward model's first N decoder layers + its head (0 = all); "
+        "fewer layers make PPO's optimisation much cheaper on CPU",
+    )
     rules: RuleWeights = field(default_factory=RuleWeights, metadata={"help": "rule-term weights"})
     checkpoint_every: int = _f(2, "save a resumable checkpoint every N updates")
     sample_every: int = _f(2, "log a table of sample completions every N updates")
@@ -242,7 +270,9 @@ class PPOStageConfig:
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("ppo.report_to=tensorboard needs the tensorboard package: pip install tensorboard")
         if self.batch_size % self.mini_batches:
-            raise ConfigError(f"ppo.batch_size ({self.batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})")
+            raise ConfigError(
+                f"ppo.batch_size ({self.batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})"
+            )
         if self.total_updates < 1 or self.checkpoint_every < 1:
             raise ConfigError("ppo.total_updates and ppo.checkpoint_every must be >= 1")
         if self.kl_coef < 0:
@@ -303,8 +333,14 @@ class LabelConfig:
 
 
 SECTIONS: dict[str, type] = {
-    "run": RunConfig, "model": ModelConfig, "data": DataConfig, "sft": SFTConfig,
-    "reward": RewardConfig, "ppo": PPOStageConfig, "eval": EvalConfig, "label": LabelConfig,
+    "run": RunConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "ppo": PPOStageConfig,
+    "eval": EvalConfig,
+    "label": LabelConfig,
 }
 
 
@@ -351,8 +387,9 @@ def _build(cls, values: dict, where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(values) - known
     if unknown:
-        raise ConfigError(f"unknown field(s) {', '.join(f'{where}.{u}' for u in sorted(unknown))}; "
-                          f"known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown field(s) {', '.join(f'{where}.{u}' for u in sorted(unknown))}; known: {', '.join(sorted(known))}"
+        )
     kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     return cls(**kwargs)
 
@@ -365,8 +402,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple = (),
-                default_section: str | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple = (), default_section: str | None = None
+) -> Config:
     """Recipe file + overrides -> validated Config. ``default_section`` qualifies bare ``field=value``."""
     raw: dict = {}
     if path:

@@ -18,7 +18,7 @@ _MARKER = re.compile(r"^\s*\d{1,2}\.$")
 
 class TitleTrie:
     def __init__(self):
-        self.children: dict[int, "TitleTrie"] = {}
+        self.children: dict[int, TitleTrie] = {}
         self.terminal = False
 
     def insert(self, ids: list[int]) -> None:
@@ -28,7 +28,7 @@ class TitleTrie:
         node.terminal = True
 
     @classmethod
-    def from_catalog(cls, catalog, tokenizer) -> "TitleTrie":
+    def from_catalog(cls, catalog, tokenizer) -> TitleTrie:
         trie = cls()
         for it in catalog.items:
             trie.insert(tokenizer(" " + it.display, add_special_tokens=False)["input_ids"])
@@ -38,10 +38,20 @@ class TitleTrie:
 class CatalogTitleProcessor(LogitsProcessor):
     def __init__(self, trie: TitleTrie, tokenizer, prompt_length: int):
         self.trie, self.tokenizer, self.prompt_length = trie, tokenizer, prompt_length
-        self.after_title = sorted({ids[0] for ids in (tokenizer(" —", add_special_tokens=False)["input_ids"],
-                                                      tokenizer("\n", add_special_tokens=False)["input_ids"],
-                                                      [tokenizer.eos_token_id]) if ids})
-        self._newline_ids = {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])} if len(tokenizer) < 300_000 else set()
+        self.after_title = sorted(
+            {
+                ids[0]
+                for ids in (
+                    tokenizer(" —", add_special_tokens=False)["input_ids"],
+                    tokenizer("\n", add_special_tokens=False)["input_ids"],
+                    [tokenizer.eos_token_id],
+                )
+                if ids
+            }
+        )
+        self._newline_ids = (
+            {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])} if len(tokenizer) < 300_000 else set()
+        )
 
     def _allowed(self, generated: list[int]) -> list[int] | None:
         start = 0
@@ -70,7 +80,7 @@ class CatalogTitleProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row in range(input_ids.shape[0]):
-            allowed = self._allowed(input_ids[row, self.prompt_length:].tolist())
+            allowed = self._allowed(input_ids[row, self.prompt_length :].tolist())
             if allowed is None:
                 continue
             mask = torch.full_like(scores[row], float("-inf"))

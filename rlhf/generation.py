@@ -14,9 +14,18 @@ def encode_prompts(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 128, batch_size: int = 16,
-             do_sample: bool = False, temperature: float = 0.8, seed: int = 0, progress: str | None = None,
-             **gen_kwargs) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    do_sample: bool = False,
+    temperature: float = 0.8,
+    seed: int = 0,
+    progress: str | None = None,
+    **gen_kwargs,
+) -> list[str]:
     """Decode one response per prompt (greedy by default; seeded sampling when asked), left-padded batches."""
     from tqdm.auto import tqdm
 
@@ -32,13 +41,21 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
         torch.manual_seed(seed)
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         input_ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id)
         width = input_ids.shape[1]
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max_new_tokens, do_sample=do_sample,
-                             temperature=temperature if do_sample else None, top_p=None, top_k=None,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **gen_kwargs)
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **gen_kwargs,
+        )
         for row, i in enumerate(idx):
             texts[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return texts

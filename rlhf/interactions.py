@@ -33,15 +33,41 @@ import pyarrow as pa
 
 from rlhf.catalog import Catalog, Item, split_year
 
-SCHEMA = pa.schema([
-    ("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()), ("rating", pa.float64()),
-    ("event", pa.string()), ("impression_id", pa.string()), ("position", pa.int32()), ("text", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("timestamp", pa.int64()),
+        ("rating", pa.float64()),
+        ("event", pa.string()),
+        ("impression_id", pa.string()),
+        ("position", pa.int32()),
+        ("text", pa.string()),
+    ]
+)
 BATCH_ROWS = 100_000
 MAX_FIELD_CHARS = 20_000  # longer review texts are truncated (and counted)
-ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western"]
+ML100K_GENRES = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 
 
 class DataError(RuntimeError):
@@ -72,9 +98,14 @@ class _Collector:
 
     def add(self, user_id, item_id, timestamp, rating=math.nan, event="rating", impression_id="", position=-1, text=""):
         c = self._cols
-        c["user_id"].append(str(user_id)); c["item_id"].append(str(item_id)); c["timestamp"].append(int(timestamp))
-        c["rating"].append(float(rating)); c["event"].append(event); c["impression_id"].append(impression_id)
-        c["position"].append(int(position)); c["text"].append(text)
+        c["user_id"].append(str(user_id))
+        c["item_id"].append(str(item_id))
+        c["timestamp"].append(int(timestamp))
+        c["rating"].append(float(rating))
+        c["event"].append(event)
+        c["impression_id"].append(impression_id)
+        c["position"].append(int(position))
+        c["text"].append(text)
         if len(c["user_id"]) >= BATCH_ROWS:
             self._flush()
 
@@ -103,8 +134,10 @@ def _lines(path: Path, encoding: str = "utf-8"):
             try:
                 yield lineno, raw.decode(encoding).rstrip("\r\n")
             except UnicodeDecodeError:
-                raise DataError(f"{path}:{lineno}: not valid {encoding}; re-encode the file as UTF-8 "
-                                f"(e.g. iconv -f latin1 -t utf-8)") from None
+                raise DataError(
+                    f"{path}:{lineno}: not valid {encoding}; re-encode the file as UTF-8 "
+                    f"(e.g. iconv -f latin1 -t utf-8)"
+                ) from None
 
 
 def _csv_rows(path: Path, encoding="utf-8"):
@@ -163,7 +196,11 @@ def load_movielens_100k(folder: Path, skips: SkipLog):
             skips.skip("malformed_item", f"{folder / 'u.item'}:{lineno}", f"{len(parts)} fields")
             continue
         title, year = split_year(parts[1])
-        genres = [g for g, flag in zip(ML100K_GENRES, parts[5:5 + len(ML100K_GENRES)]) if flag.strip() == "1" and g != "unknown"]
+        genres = [
+            g
+            for g, flag in zip(ML100K_GENRES, parts[5 : 5 + len(ML100K_GENRES)])
+            if flag.strip() == "1" and g != "unknown"
+        ]
         items.append(Item(parts[0], title, {"year": year, "genres": genres}))
     catalog = Catalog(items)
     rows = _Collector()
@@ -216,7 +253,9 @@ def load_movielens(folder: Path, skips: SkipLog):
         if rec is None:
             skips.skip("malformed_row", where, f"expected {len(header)} fields")
             continue
-        _add_rating(rows, skips, catalog, where, rec.get("userId"), rec.get("movieId"), rec.get("rating"), rec.get("timestamp"))
+        _add_rating(
+            rows, skips, catalog, where, rec.get("userId"), rec.get("movieId"), rec.get("rating"), rec.get("timestamp")
+        )
     return catalog, rows.table()
 
 
@@ -257,7 +296,9 @@ def load_goodbooks(folder: Path, skips: SkipLog):
             if rec is None:
                 skips.skip("malformed_row", where, f"expected {len(header)} fields")
                 continue
-            _add_rating(rows, skips, catalog, where, rec.get("user_id"), rec.get("book_id"), "", lineno, event="to_read")
+            _add_rating(
+                rows, skips, catalog, where, rec.get("user_id"), rec.get("book_id"), "", lineno, event="to_read"
+            )
     return catalog, rows.table()
 
 
@@ -346,8 +387,15 @@ def _records(path: Path, skips: SkipLog):
 
 
 def load_generic(path: Path, columns: dict, items_path: str, skips: SkipLog):
-    cols = {"user_id": "user_id", "item_id": "item_id", "timestamp": "timestamp", "rating": "rating",
-            "title": "title", "event": "event", **(columns or {})}
+    cols = {
+        "user_id": "user_id",
+        "item_id": "item_id",
+        "timestamp": "timestamp",
+        "rating": "rating",
+        "title": "title",
+        "event": "event",
+        **(columns or {}),
+    }
     src = _need(path, "generic interactions file")
     items: dict[str, Item] = {}
     if items_path:
@@ -370,8 +418,17 @@ def load_generic(path: Path, columns: dict, items_path: str, skips: SkipLog):
         ts = rec.get(cols["timestamp"])
         if ts in (None, ""):
             ts = lineno  # no time column: file order stands in for time
-        _add_rating(rows, skips, items, where, rec.get(cols["user_id"]), None if iid is None else str(iid),
-                    rec.get(cols["rating"]), ts, event=str(rec.get(cols["event"]) or "rating"))
+        _add_rating(
+            rows,
+            skips,
+            items,
+            where,
+            rec.get(cols["user_id"]),
+            None if iid is None else str(iid),
+            rec.get(cols["rating"]),
+            ts,
+            event=str(rec.get(cols["event"]) or "rating"),
+        )
     return Catalog(list(items.values())), rows.table()
 
 
@@ -394,8 +451,15 @@ def load_builtin(cfg, skips: SkipLog):
         for k in range(cfg.impressions_per_user):
             ts = hist[-1]["timestamp"] - 86400 * (k + 1) if hist else 0  # logged before the held-out tail
             for shown in sim.impression(user, rng, seen):
-                rows.add(uid, shown["item_id"], ts, math.nan, "click" if shown["clicked"] else "impression",
-                         impression_id=f"{uid}-imp{k}", position=shown["position"])
+                rows.add(
+                    uid,
+                    shown["item_id"],
+                    ts,
+                    math.nan,
+                    "click" if shown["clicked"] else "impression",
+                    impression_id=f"{uid}-imp{k}",
+                    position=shown["position"],
+                )
     return catalog, rows.table(), sim
 
 
@@ -415,8 +479,10 @@ def load_source(cfg, skips: SkipLog):
     else:
         catalog, table = load_generic(path, cfg.columns, cfg.items_path, skips)
     if table.num_rows == 0:
-        raise DataError(f"{cfg.path or 'builtin'}: no usable interactions "
-                        f"(skipped: {dict(skips.counts) or 'none'}); check the source type and files")
+        raise DataError(
+            f"{cfg.path or 'builtin'}: no usable interactions "
+            f"(skipped: {dict(skips.counts) or 'none'}); check the source type and files"
+        )
     return catalog, dedupe(table, skips)
 
 
@@ -425,8 +491,10 @@ def dedupe(table: pa.Table, skips: SkipLog) -> pa.Table:
     if table.num_rows == 0:
         return table
     # integer codes from Arrow's dictionary encoding: no Python string object per row
-    keys = [table.column(c).combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
-            for c in ("user_id", "item_id", "event", "impression_id")]
+    keys = [
+        table.column(c).combine_chunks().dictionary_encode().indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        for c in ("user_id", "item_id", "event", "impression_id")
+    ]
     ts = table.column("timestamp").to_numpy()
     order = np.lexsort([ts, *keys[::-1]])
     stacked = np.stack([*[k[order] for k in keys], ts[order]], axis=1)

@@ -116,7 +116,8 @@ def describe_eval(results: dict) -> list[str]:
             lines.append(f"{stage} − sft: {shown} (same users, mean ± standard error)")
     rt = results.get("reward_vs_truth")
     if rt:  # None: a constant side (e.g. no listing parsed), where a correlation says nothing
-        shown = ", ".join(f"{part} " + ("n/a" if rt[part] is None else f"{rt[part]:+.2f}")
-                          for part in ("reward", "learned", "rules"))
+        shown = ", ".join(
+            f"{part} " + ("n/a" if rt[part] is None else f"{rt[part]:+.2f}") for part in ("reward", "learned", "rules")
+        )
         lines.append(f"correlation with true utility over {rt['n']} LLM listings: {shown}")
     return lines

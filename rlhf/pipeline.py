@@ -21,7 +21,13 @@ STAGES = ("data", "sft", "reward", "ppo", "eval")
 
 
 def stage_command(stage: str, run_dir: Path, config: str | None, overrides: list[str]) -> list[str]:
-    head = [sys.executable, "-m", "rlhf", *(["data", "prepare", "--out"] if stage == "data" else [stage, "--run"]), str(run_dir)]
+    head = [
+        sys.executable,
+        "-m",
+        "rlhf",
+        *(["data", "prepare", "--out"] if stage == "data" else [stage, "--run"]),
+        str(run_dir),
+    ]
     if config:
         head += ["--config", config]
     if stage == "ppo":
@@ -49,8 +55,12 @@ def run_pipeline(cfg: Config, run_dir: Path, config: str | None = None, override
         rc = subprocess.call(stage_command(stage, run_dir, config, overrides))
         timings[stage] = round(time.time() - t0, 1)
         if rc != 0:
-            print(f"{label}: failed (exit {rc}) after {timings[stage]:.0f}s; fix the error above and run the "
-                  f"same command again: finished stages are kept", file=sys.stderr, flush=True)
+            print(
+                f"{label}: failed (exit {rc}) after {timings[stage]:.0f}s; fix the error above and run the "
+                f"same command again: finished stages are kept",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(rc)
         print(f"{label}: done in {timings[stage]:.0f}s", flush=True)
     total = round(time.time() - started, 1)
@@ -63,8 +73,11 @@ def run_pipeline(cfg: Config, run_dir: Path, config: str | None = None, override
         m = json.loads(metrics.read_text())
         for stage, vals in m.get("stages", {}).items():
             util = vals.get("true_utility")
-            print(f"  {stage:>5}: valid_rate={vals.get('valid_rate', 0):.2f} hr@{m['k']}={vals.get('hr@' + str(m['k']), 0):.3f}"
-                  + (f" true_utility={util:.3f}" if util is not None else ""))
+            print(
+                f"  {stage:>5}: valid_rate={vals.get('valid_rate', 0):.2f} "
+                f"hr@{m['k']}={vals.get('hr@' + str(m['k']), 0):.3f}"
+                + (f" true_utility={util:.3f}" if util is not None else "")
+            )
         for line in describe_eval(m):
             print(f"  {line}")
     return summary

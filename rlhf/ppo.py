@@ -39,14 +39,21 @@ KEEP_CHECKPOINTS = 2
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     if not ckpt_root.exists():
         return None
-    done = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("update-")
-                  and not p.name.endswith(".tmp") and (p / "state.json").exists())
+    done = sorted(
+        p
+        for p in ckpt_root.iterdir()
+        if p.is_dir() and p.name.startswith("update-") and not p.name.endswith(".tmp") and (p / "state.json").exists()
+    )
     return done[-1] if done else None
 
 
 def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(state: dict) -> None:
@@ -97,8 +104,17 @@ def _trainer_class():
         """TRL's PPOTrainer plus: per-term reward and per-phase timing in the logged metrics,
         atomic resumable checkpoints, and the two fixes TRL 1.12 needs under DDP."""
 
-        def __init__(self, *a, stage_cfg, run_dir: Path, composite, total_updates: int, update_offset: int,
-                     resume_from: Path | None, **kw):
+        def __init__(
+            self,
+            *a,
+            stage_cfg,
+            run_dir: Path,
+            composite,
+            total_updates: int,
+            update_offset: int,
+            resume_from: Path | None,
+            **kw,
+        ):
             super().__init__(*a, **kw)
             # TRL 1.12 uses gradient_accumulation_steps twice: to size the rollout batch (per-device x G)
             # and as accelerate's accumulation count. With num_mini_batches M > 1 the optimiser then steps
@@ -106,7 +122,7 @@ def _trainer_class():
             # the stats tensors (sized by G) are only 1/M filled, so approxkl, losses and the ratio read
             # M times too small. The rollout batch is sized by now; accumulate per mini-batch only.
             micro_per_mini = self.args.local_mini_batch_size // self.args.per_device_train_batch_size
-            if self.accelerator.distributed_type != "DEEPSPEED":   # DeepSpeed fixed its count at prepare
+            if self.accelerator.distributed_type != "DEEPSPEED":  # DeepSpeed fixed its count at prepare
                 self.args.gradient_accumulation_steps = micro_per_mini
                 self.accelerator.gradient_accumulation_steps = micro_per_mini
             self.stage_cfg, self.run_dir, self.composite = stage_cfg, run_dir, composite
@@ -117,9 +133,12 @@ def _trainer_class():
             if not hasattr(self.model, "policy"):
                 object.__setattr__(self.model, "policy", unwrapped.policy)
             # the schedule spans the whole run, also when this process does only the remaining updates
-            self.lr_scheduler = get_scheduler(self.args.lr_scheduler_type, self.optimizer,
-                                              num_warmup_steps=self.args.get_warmup_steps(total_updates),
-                                              num_training_steps=total_updates)
+            self.lr_scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                self.optimizer,
+                num_warmup_steps=self.args.get_warmup_steps(total_updates),
+                num_training_steps=total_updates,
+            )
             self._timing = {"generation": 0.0}
             self._phase_start = time.time()
             self._rollout_end = None
@@ -189,8 +208,9 @@ def _trainer_class():
                 self._samples = []
                 if self.accelerator.is_main_process:
                     with open(self.run_dir / "ppo" / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({k: (v.item() if hasattr(v, "item") else v)
-                                            for k, v in logs.items()}) + "\n")
+                        f.write(
+                            json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in logs.items()}) + "\n"
+                        )
                 self._terms, self._timing = [], {"generation": 0.0}
                 self._rollout_end = None
             super().log(logs, start_time) if start_time is not None else super().log(logs)
@@ -217,8 +237,14 @@ def _trainer_class():
                 torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
             acc.wait_for_everyone()
             if acc.is_main_process:
-                state = {"update": update, "episode": update * self.args.batch_size, "world_size": acc.num_processes,
-                         "batch_size": self.args.batch_size, "total_updates": self.total_updates, "time": time.time()}
+                state = {
+                    "update": update,
+                    "episode": update * self.args.batch_size,
+                    "world_size": acc.num_processes,
+                    "batch_size": self.args.batch_size,
+                    "total_updates": self.total_updates,
+                    "time": time.time(),
+                }
                 (tmp / "state.json").write_text(json.dumps(state))
                 for f in tmp.iterdir():
                     with open(f, "rb") as fh:
@@ -236,8 +262,10 @@ def _trainer_class():
             params = dict(model.named_parameters())
             missing = [n for n, p in params.items() if p.requires_grad and n not in saved]
             if missing:
-                raise RuntimeError(f"{path}: checkpoint lacks trainable parameters {missing[:3]}...; "
-                                   "was it written with another model or LoRA config?")
+                raise RuntimeError(
+                    f"{path}: checkpoint lacks trainable parameters {missing[:3]}...; "
+                    "was it written with another model or LoRA config?"
+                )
             with torch.no_grad():
                 for n, v in saved.items():
                     params[n].copy_(v.to(params[n].device))
@@ -308,8 +336,12 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         if resume_from:  # lines logged after the checkpoint belong to lost work
             for mpath in (out / "metrics.jsonl", out / "rollouts.jsonl"):
                 if mpath.exists():
-                    kept = [l for l in mpath.read_text().splitlines() if l.strip() and json.loads(l).get("update", 0) <= done]
-                    mpath.write_text("".join(l + "\n" for l in kept))
+                    kept = [
+                        line
+                        for line in mpath.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("update", 0) <= done
+                    ]
+                    mpath.write_text("".join(line + "\n" for line in kept))
     state.wait_for_everyone()
     if done >= pc.total_updates:
         print(f"ppo: {done} of {pc.total_updates} updates already done")
@@ -331,10 +363,20 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         value_model = get_peft_model(value_model, lora_config(mc, task_type="SEQ_CLS"))
         value_model.base_model_prefix = value_model.get_base_model().base_model_prefix  # TRL reads these
         value_model.score = value_model.get_base_model().score
-        setattr(value_model, value_model.base_model_prefix,
-                getattr(value_model.get_base_model(), value_model.base_model_prefix))
-    composite = CompositeReward(reward_model, tokenizer, catalog, meta["k"], pc.rules, pc.reward_model_weight,
-                                truth=simulator_truth(catalog, meta))
+        setattr(
+            value_model,
+            value_model.base_model_prefix,
+            getattr(value_model.get_base_model(), value_model.base_model_prefix),
+        )
+    composite = CompositeReward(
+        reward_model,
+        tokenizer,
+        catalog,
+        meta["k"],
+        pc.rules,
+        pc.reward_model_weight,
+        truth=simulator_truth(catalog, meta),
+    )
     for p in prompts:
         r = p["row"]
         composite.register(p["input_ids"], PromptContext.from_row(r))
@@ -344,23 +386,51 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     # TRL: the rollout batch per process is per_device_train_batch_size x gradient_accumulation_steps, split
     # into num_mini_batches; one micro-batch per mini-batch
     args = PPOConfig(
-        output_dir=str(out / "trainer"), learning_rate=pc.learning_rate,
+        output_dir=str(out / "trainer"),
+        learning_rate=pc.learning_rate,
         per_device_train_batch_size=pc.batch_size // pc.mini_batches,
-        gradient_accumulation_steps=pc.mini_batches, num_mini_batches=pc.mini_batches, num_ppo_epochs=pc.ppo_epochs,
-        total_episodes=remaining * pc.batch_size * world, local_rollout_forward_batch_size=pc.batch_size,
-        response_length=pc.response_length, temperature=pc.temperature, kl_coef=pc.kl_coef, kl_estimator=pc.kl_estimator,
-        missing_eos_penalty=pc.missing_eos_penalty, cliprange=pc.cliprange, cliprange_value=pc.cliprange_value,
-        vf_coef=pc.vf_coef, whiten_rewards=pc.whiten_rewards, gamma=pc.gamma, lam=pc.lam,
-        stop_token="eos", num_sample_generations=0,
-        logging_steps=1, save_strategy="no", report_to=[] if pc.report_to == "none" else [pc.report_to],
-        seed=cfg.run.seed + done, lr_scheduler_type=pc.lr_scheduler,
-        gradient_checkpointing=False, dataloader_num_workers=0, **trainer_precision(mc),
+        gradient_accumulation_steps=pc.mini_batches,
+        num_mini_batches=pc.mini_batches,
+        num_ppo_epochs=pc.ppo_epochs,
+        total_episodes=remaining * pc.batch_size * world,
+        local_rollout_forward_batch_size=pc.batch_size,
+        response_length=pc.response_length,
+        temperature=pc.temperature,
+        kl_coef=pc.kl_coef,
+        kl_estimator=pc.kl_estimator,
+        missing_eos_penalty=pc.missing_eos_penalty,
+        cliprange=pc.cliprange,
+        cliprange_value=pc.cliprange_value,
+        vf_coef=pc.vf_coef,
+        whiten_rewards=pc.whiten_rewards,
+        gamma=pc.gamma,
+        lam=pc.lam,
+        stop_token="eos",
+        num_sample_generations=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[] if pc.report_to == "none" else [pc.report_to],
+        seed=cfg.run.seed + done,
+        lr_scheduler_type=pc.lr_scheduler,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        **trainer_precision(mc),
     )
     dataset = Dataset.from_list([{"input_ids": p["input_ids"]} for p in prompts])
     trainer = _trainer_class()(
-        args=args, processing_class=tokenizer, model=policy, ref_model=None, reward_model=composite,
-        value_model=value_model, train_dataset=dataset, peft_config=lora_config(mc) if mc.use_lora else None,
-        stage_cfg=pc, run_dir=run_dir, composite=composite, total_updates=pc.total_updates, update_offset=done,
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=composite,
+        value_model=value_model,
+        train_dataset=dataset,
+        peft_config=lora_config(mc) if mc.use_lora else None,
+        stage_cfg=pc,
+        run_dir=run_dir,
+        composite=composite,
+        total_updates=pc.total_updates,
+        update_offset=done,
         resume_from=resume_from,
     )
     if resume_from:
@@ -396,8 +466,7 @@ def _write_samples(policy, tokenizer, run: RunDir, composite, path: Path, pc) ->
     if not rows:
         return
     texts = generate(policy, tokenizer, [r["prompt"] for r in rows], max_new_tokens=pc.response_length)
-    scores = composite.score_texts([r["prompt"] for r in rows], texts,
-                                   [PromptContext.from_row(r) for r in rows])
+    scores = composite.score_texts([r["prompt"] for r in rows], texts, [PromptContext.from_row(r) for r in rows])
     with open(path, "w") as f:
         for r, t, s in zip(rows, texts, scores):
             f.write(json.dumps({"user_id": r["user_id"], "text": t, **s}) + "\n")

@@ -48,7 +48,9 @@ class _Context:
         self.cfg, self.catalog, self.builder, self.retriever, self.rng = cfg, catalog, builder, retriever, rng
 
     def listing(self, item_ids: list[str], history: list[tuple[str, float]]) -> str:
-        return render([self.catalog[i].display for i in item_ids], [explain(i, history, self.catalog) for i in item_ids])
+        return render(
+            [self.catalog[i].display for i in item_ids], [explain(i, history, self.catalog) for i in item_ids]
+        )
 
     def candidates(self, history_ids: list[str], must_include: list[str]) -> list[str] | None:
         """Rerank mode: the held-out items plus retrieved (or random unseen) items, shuffled."""
@@ -81,8 +83,10 @@ def build_sft(ctx: _Context, users: list[UserSplit]) -> list[dict]:
             continue
         window = min(2 * k, len(events) - 2)
         prefix, future = events[:-window], events[-window:]
-        pos = sorted([e for e in future if is_positive(e.rating, ctx.cfg.positive_rating)],
-                     key=lambda e: -(0 if math.isnan(e.rating) else e.rating))
+        pos = sorted(
+            [e for e in future if is_positive(e.rating, ctx.cfg.positive_rating)],
+            key=lambda e: -(0 if math.isnan(e.rating) else e.rating),
+        )
         seen = {e.item_id for e in prefix}
         target = [t for t in dict.fromkeys(e.item_id for e in pos) if t not in seen][:k]
         shown = _recent(prefix, ctx.cfg.history_len)
@@ -104,19 +108,32 @@ def build_prompts(ctx: _Context, users: list[UserSplit]) -> list[dict]:
         held = [e.item_id for e in u.heldout]
         cands = ctx.candidates([e.item_id for e in events], held)
         msgs, kept = ctx.builder.build(_hist(shown), cands)
-        rows.append({"prompt": msgs, "user_id": u.user_id, "split": u.split,
-                     "history_ids": [e.item_id for e in events], "heldout_ids": held,
-                     # what the prompt shows (budget-trimmed), for labelers and reports
-                     "shown": [{"item_id": i, "rating": None if r is None or math.isnan(r) else float(r)} for i, r in kept],
-                     "candidate_ids": cands or [], "cold_start": u.cold_start})
+        rows.append(
+            {
+                "prompt": msgs,
+                "user_id": u.user_id,
+                "split": u.split,
+                "history_ids": [e.item_id for e in events],
+                "heldout_ids": held,
+                # what the prompt shows (budget-trimmed), for labelers and reports
+                "shown": [{"item_id": i, "rating": None if r is None or math.isnan(r) else float(r)} for i, r in kept],
+                "candidate_ids": cands or [],
+                "cold_start": u.cold_start,
+            }
+        )
     return rows
 
 
 def _pair(ctx, prompt_hist, chosen, rejected, source, user_id, cands=None, **prov) -> dict:
     msgs, kept = ctx.builder.build(prompt_hist, cands)
-    return {"prompt": msgs, "chosen": _assistant(ctx.listing(chosen, kept)),
-            "rejected": _assistant(ctx.listing(rejected, kept)), "source": source, "user_id": user_id,
-            "provenance": json.dumps(prov, sort_keys=True)}
+    return {
+        "prompt": msgs,
+        "chosen": _assistant(ctx.listing(chosen, kept)),
+        "rejected": _assistant(ctx.listing(rejected, kept)),
+        "source": source,
+        "user_id": user_id,
+        "provenance": json.dumps(prov, sort_keys=True),
+    }
 
 
 def build_rating_pairs(ctx: _Context, users: list[UserSplit]) -> list[dict]:
@@ -134,12 +151,24 @@ def build_rating_pairs(ctx: _Context, users: list[UserSplit]) -> list[dict]:
         if n < 2:
             continue
         hi, lo = future[:n], future[-n:]
-        if min(e.rating for e in hi) <= max(e.rating for e in lo) or \
-                np.mean([e.rating for e in hi]) - np.mean([e.rating for e in lo]) < 1.0:
+        if (
+            min(e.rating for e in hi) <= max(e.rating for e in lo)
+            or np.mean([e.rating for e in hi]) - np.mean([e.rating for e in lo]) < 1.0
+        ):
             continue
         shown = _hist(_recent(prefix, ctx.cfg.history_len))
-        rows.append(_pair(ctx, shown, [e.item_id for e in hi], [e.item_id for e in lo], "ratings", u.user_id,
-                          chosen_ratings=[e.rating for e in hi], rejected_ratings=[e.rating for e in lo]))
+        rows.append(
+            _pair(
+                ctx,
+                shown,
+                [e.item_id for e in hi],
+                [e.item_id for e in lo],
+                "ratings",
+                u.user_id,
+                chosen_ratings=[e.rating for e in hi],
+                rejected_ratings=[e.rating for e in lo],
+            )
+        )
     return rows
 
 
@@ -148,7 +177,7 @@ def build_click_pairs(ctx: _Context, table: pa.Table, seqs: dict, train_users: s
     mask = pc.fill_null(pc.is_in(table.column("event"), value_set=pa.array(["impression", "click"])), False)
     if not pc.any(mask).as_py():
         return []
-    sub = table.filter(mask).to_pydict()   # click-log rows only
+    sub = table.filter(mask).to_pydict()  # click-log rows only
     groups: dict[str, list[int]] = {}
     for j, imp in enumerate(sub["impression_id"]):
         if sub["user_id"][j] in train_users and imp:
@@ -215,8 +244,19 @@ def build_sim_pairs(ctx: _Context, sim, users: list[UserSplit], n_pairs: int, no
         chosen, rejected = (la, lb) if pick == 0 else (lb, la)
         names = (SIM_STRATEGIES[a], SIM_STRATEGIES[b]) if pick == 0 else (SIM_STRATEGIES[b], SIM_STRATEGIES[a])
         shown = _hist(_recent(events, ctx.cfg.history_len))
-        rows.append(_pair(ctx, shown, chosen, rejected, "simulator", u.user_id, labeler=f"sim-{p % 5}",
-                          chosen_strategy=names[0], rejected_strategy=names[1]))
+        rows.append(
+            _pair(
+                ctx,
+                shown,
+                chosen,
+                rejected,
+                "simulator",
+                u.user_id,
+                labeler=f"sim-{p % 5}",
+                chosen_strategy=names[0],
+                rejected_strategy=names[1],
+            )
+        )
     return rows
 
 
@@ -254,13 +294,23 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         from rlhf.interactions import DataError
 
         raise DataError(f"no user has at least data.min_history={cfg.min_history} interactions; lower --min-history")
-    splits = split_users(seqs, cfg.split, cfg.holdout, cfg.val_fraction, cfg.test_fraction, cfg.cold_start_max, cfg.seed)
+    splits = split_users(
+        seqs, cfg.split, cfg.holdout, cfg.val_fraction, cfg.test_fraction, cfg.cold_start_max, cfg.seed
+    )
     fit_on = train_pairs(splits)
-    retriever = baselines.make(cfg.retriever if cfg.mode == "rerank" else "ease"
-                               if len(catalog) <= baselines.MAX_EASE_ITEMS else "itemknn",
-                               [it.item_id for it in catalog.items], fit_on, seed=cfg.seed)
-    builder = PromptBuilder(catalog, load_tokenizer(model_name), k=cfg.k, noun=NOUNS.get(cfg.source, "items"),
-                            max_prompt_tokens=cfg.max_prompt_tokens)
+    retriever = baselines.make(
+        cfg.retriever if cfg.mode == "rerank" else "ease" if len(catalog) <= baselines.MAX_EASE_ITEMS else "itemknn",
+        [it.item_id for it in catalog.items],
+        fit_on,
+        seed=cfg.seed,
+    )
+    builder = PromptBuilder(
+        catalog,
+        load_tokenizer(model_name),
+        k=cfg.k,
+        noun=NOUNS.get(cfg.source, "items"),
+        max_prompt_tokens=cfg.max_prompt_tokens,
+    )
     ctx = _Context(cfg, catalog, builder, retriever, rng)
     by_role = {r: [u for u in splits if u.split == r] for r in ("train", "val", "test")}
 
@@ -269,9 +319,20 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
     with open(data_dir / "splits.jsonl", "w") as f:
         for u in splits:
             events = u.history  # built once per user from the sequence arrays
-            f.write(json.dumps({"user_id": u.user_id, "split": u.split, "cold_start": u.cold_start,
-                                "history": [[e.item_id, e.timestamp, None if math.isnan(e.rating) else e.rating] for e in events],
-                                "heldout": [e.item_id for e in u.heldout]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "user_id": u.user_id,
+                        "split": u.split,
+                        "cold_start": u.cold_start,
+                        "history": [
+                            [e.item_id, e.timestamp, None if math.isnan(e.rating) else e.rating] for e in events
+                        ],
+                        "heldout": [e.item_id for e in u.heldout],
+                    }
+                )
+                + "\n"
+            )
 
     counts = {
         "sft/train": _write(build_sft(ctx, by_role["train"]), data_dir / "sft" / "train.parquet"),
@@ -281,23 +342,39 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         counts[f"prompts/{role}"] = _write(build_prompts(ctx, by_role[role]), data_dir / "prompts" / f"{role}.parquet")
     pair_users = by_role["train"]
     counts["pairs/ratings"] = _write(build_rating_pairs(ctx, pair_users), data_dir / "pairs" / "ratings.parquet")
-    counts["pairs/clicks"] = _write(build_click_pairs(ctx, table, seqs, {u.user_id for u in pair_users}),
-                                    data_dir / "pairs" / "clicks.parquet")
+    counts["pairs/clicks"] = _write(
+        build_click_pairs(ctx, table, seqs, {u.user_id for u in pair_users}), data_dir / "pairs" / "clicks.parquet"
+    )
     if cfg.source == "builtin":
         from rlhf.simulator import Simulator
 
         sim = Simulator(catalog, seed=cfg.seed)
-        counts["pairs/simulator"] = _write(build_sim_pairs(ctx, sim, pair_users, cfg.sim_label_pairs, cfg.sim_noise),
-                                           data_dir / "pairs" / "simulator.parquet")
+        counts["pairs/simulator"] = _write(
+            build_sim_pairs(ctx, sim, pair_users, cfg.sim_label_pairs, cfg.sim_noise),
+            data_dir / "pairs" / "simulator.parquet",
+        )
 
-    meta = {"source": cfg.source, "k": cfg.k, "mode": cfg.mode, "noun": builder.noun, "template": builder.template,
-            "retriever": retriever.name, "simulator_seed": cfg.seed if cfg.source == "builtin" else None,
-            "tokenizer": model_name, "max_prompt_tokens": builder.max_prompt_tokens}
+    meta = {
+        "source": cfg.source,
+        "k": cfg.k,
+        "mode": cfg.mode,
+        "noun": builder.noun,
+        "template": builder.template,
+        "retriever": retriever.name,
+        "simulator_seed": cfg.seed if cfg.source == "builtin" else None,
+        "tokenizer": model_name,
+        "max_prompt_tokens": builder.max_prompt_tokens,
+    }
     (data_dir / "meta.json").write_text(json.dumps(meta, indent=2))
     summary = {
-        "users": len(seqs), "items": len(catalog), "interactions": int(table.num_rows), "interactions_read": int(rows_read),
+        "users": len(seqs),
+        "items": len(catalog),
+        "interactions": int(table.num_rows),
+        "interactions_read": int(rows_read),
         "users_by_split": {r: len(v) for r, v in by_role.items()},
-        "cold_start_users": sum(u.cold_start for u in splits), "rows": counts, "skipped": skips.to_dict(),
+        "cold_start_users": sum(u.cold_start for u in splits),
+        "rows": counts,
+        "skipped": skips.to_dict(),
     }
     (data_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -31,13 +31,24 @@ def sanitize(text: str, limit: int = MAX_TITLE_CHARS) -> str:
 
 
 class PromptBuilder:
-    def __init__(self, catalog: Catalog, tokenizer=None, template: str = DEFAULT_TEMPLATE, k: int = 5,
-                 max_prompt_tokens: int = 320, noun: str = "films"):
+    def __init__(
+        self,
+        catalog: Catalog,
+        tokenizer=None,
+        template: str = DEFAULT_TEMPLATE,
+        k: int = 5,
+        max_prompt_tokens: int = 320,
+        noun: str = "films",
+    ):
         folder = PROMPTS_DIR / template
         if not folder.is_dir():
             raise FileNotFoundError(f"prompt template {template!r} not found under {PROMPTS_DIR}")
-        env = jinja2.Environment(loader=jinja2.FileSystemLoader(folder), autoescape=False,
-                                 undefined=jinja2.StrictUndefined, keep_trailing_newline=False)
+        env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(folder),
+            autoescape=False,
+            undefined=jinja2.StrictUndefined,
+            keep_trailing_newline=False,
+        )
         self.system_t = env.get_template("system.j2")
         self.user_t = env.get_template("user.j2")
         self.catalog, self.tokenizer, self.template, self.k = catalog, tokenizer, template, k
@@ -46,8 +57,11 @@ class PromptBuilder:
     def _item_view(self, item_id: str, rating: float | None = None) -> dict:
         it = self.catalog[item_id]
         r = None if rating is None or (isinstance(rating, float) and math.isnan(rating)) else rating
-        return {"title": sanitize(it.display), "genres": sanitize(", ".join(it.genres[:3]), 60),
-                "rating": (int(r) if float(r).is_integer() else r) if r is not None else None}
+        return {
+            "title": sanitize(it.display),
+            "genres": sanitize(", ".join(it.genres[:3]), 60),
+            "rating": (int(r) if float(r).is_integer() else r) if r is not None else None,
+        }
 
     def messages(self, history: list[tuple[str, float]], candidates: list[str] | None = None) -> list[dict]:
         return self.build(history, candidates)[0]
@@ -61,9 +75,16 @@ class PromptBuilder:
         cands = [self._item_view(c) for c in candidates] if candidates else []
         while True:
             msgs = [
-                {"role": "system", "content": self.system_t.render(k=self.k, noun=self.noun, candidates=bool(cands)).strip()},
-                {"role": "user", "content": self.user_t.render(history=[self._item_view(i, r) for i, r in hist],
-                                                                candidates=cands, k=self.k, noun=self.noun).strip()},
+                {
+                    "role": "system",
+                    "content": self.system_t.render(k=self.k, noun=self.noun, candidates=bool(cands)).strip(),
+                },
+                {
+                    "role": "user",
+                    "content": self.user_t.render(
+                        history=[self._item_view(i, r) for i, r in hist], candidates=cands, k=self.k, noun=self.noun
+                    ).strip(),
+                },
             ]
             if self.tokenizer is None or len(hist) == 1 or self.count_tokens(msgs) <= self.max_prompt_tokens:
                 return msgs, hist

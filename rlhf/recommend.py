@@ -1,7 +1,7 @@
 """`rlhf recommend`: one ranked, explained list for a known user or a typed history.
 
-    rlhf recommend --run runs/demo --user u00017
-    rlhf recommend --run runs/demo --history "The Matrix; Alien (1979); Heat" --constrained --json
+rlhf recommend --run runs/demo --user u00017
+rlhf recommend --run runs/demo --history "The Matrix; Alien (1979); Heat" --constrained --json
 """
 
 from __future__ import annotations
@@ -35,26 +35,39 @@ def history_from_titles(text: str, catalog) -> list[str]:
         g = catalog.ground(t)
         (ids if g.in_catalog else unknown).append(g.item_id if g.in_catalog else t)
     if unknown:
-        raise RecommendError(f"not in the catalog: {', '.join(repr(u) for u in unknown)}; check the spelling "
-                             f"(the catalog is {len(catalog)} items in the run's data/catalog.jsonl)")
+        raise RecommendError(
+            f"not in the catalog: {', '.join(repr(u) for u in unknown)}; check the spelling "
+            f"(the catalog is {len(catalog)} items in the run's data/catalog.jsonl)"
+        )
     return list(dict.fromkeys(ids))
 
 
-def recommend(run_dir: Path, model_cfg, stage: str, history_ids: list[str], k: int, constrained: bool,
-              max_new_tokens: int, prompt: list[dict] | None = None, loaded=None) -> dict:
+def recommend(
+    run_dir: Path,
+    model_cfg,
+    stage: str,
+    history_ids: list[str],
+    k: int,
+    constrained: bool,
+    max_new_tokens: int,
+    prompt: list[dict] | None = None,
+    loaded=None,
+) -> dict:
+    from transformers import LogitsProcessorList
+
     from rlhf.constrained import CatalogTitleProcessor, TitleTrie
     from rlhf.evaluate import load_stage_model
     from rlhf.generation import encode_prompts, generate
     from rlhf.listing import parse_and_ground
     from rlhf.prompts import PromptBuilder
-    from transformers import LogitsProcessorList
 
     run = RunDir(run_dir)
     meta, catalog = run.meta(), run.catalog()
     loaded = loaded or load_stage_model(run_dir, stage, model_cfg)
     if loaded is None:
-        raise RecommendError(f"stage {stage} is not trained in {run_dir}; run `rlhf {stage} --run {run_dir}` "
-                             "or pick another --stage")
+        raise RecommendError(
+            f"stage {stage} is not trained in {run_dir}; run `rlhf {stage} --run {run_dir}` or pick another --stage"
+        )
     model, tokenizer = loaded
     if prompt is None or k != meta["k"]:
         builder = PromptBuilder(catalog, tokenizer, k=k, noun=meta["noun"], max_prompt_tokens=meta["max_prompt_tokens"])
@@ -63,10 +76,19 @@ def recommend(run_dir: Path, model_cfg, stage: str, history_ids: list[str], k: i
     if constrained:
         plen = len(encode_prompts(tokenizer, [prompt])[0])
         extra["logits_processor"] = LogitsProcessorList(
-            [CatalogTitleProcessor(TitleTrie.from_catalog(catalog, tokenizer), tokenizer, plen)])
+            [CatalogTitleProcessor(TitleTrie.from_catalog(catalog, tokenizer), tokenizer, plen)]
+        )
     text = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, **extra)[0]
-    items = [{"rank": e.rank, "title": e.title, "item_id": e.item_id, "in_catalog": e.in_catalog,
-              "explanation": e.explanation} for e in parse_and_ground(text, catalog)]
+    items = [
+        {
+            "rank": e.rank,
+            "title": e.title,
+            "item_id": e.item_id,
+            "in_catalog": e.in_catalog,
+            "explanation": e.explanation,
+        }
+        for e in parse_and_ground(text, catalog)
+    ]
     return {"prompt": prompt, "text": text, "items": items}
 
 
@@ -83,7 +105,7 @@ def run_recommend(cfg: Config, run_dir: Path, args) -> dict:
         result = recommend(run_dir, cfg.model, args.stage, history, k, args.constrained, args.max_new_tokens, prompt)
     except RecommendError as e:
         print(f"rlhf recommend: error: {e}", file=sys.stderr)
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     if args.json:
         print(json.dumps(result, ensure_ascii=False))
     else:

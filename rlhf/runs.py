@@ -57,7 +57,11 @@ class RunDir:
         return [] if table.column_names == ["empty"] else table.to_pylist()
 
     def done(self, stage: str) -> bool:
-        marker = {"data": self.data / "summary.json", "sft": self.root / "sft" / "merged" / "config.json",
-                  "reward": self.root / "reward" / "metrics.json", "ppo": self.root / "ppo" / "adapter" / "adapter_config.json",
-                  "eval": self.root / "eval" / "metrics.json"}[stage]
+        marker = {
+            "data": self.data / "summary.json",
+            "sft": self.root / "sft" / "merged" / "config.json",
+            "reward": self.root / "reward" / "metrics.json",
+            "ppo": self.root / "ppo" / "adapter" / "adapter_config.json",
+            "eval": self.root / "eval" / "metrics.json",
+        }[stage]
         return marker.exists()

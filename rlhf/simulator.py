@@ -24,7 +24,7 @@ def _sigmoid(x):
 
 def examine_prob(rank: int) -> float:
     """Position bias of the click model: chance that a user looks at the item at 1-based ``rank``."""
-    return 1.0 / rank ** 0.8
+    return 1.0 / rank**0.8
 
 
 @dataclass
@@ -141,8 +141,16 @@ class Simulator:
             total += examine_prob(rank) * self.click_prob(user, iid)
         return total
 
-    def label(self, user: SimUser, list_a: list, list_b: list, seen: set[str], k: int,
-              rng: np.random.Generator, noise: float = 1.0) -> int:
+    def label(
+        self,
+        user: SimUser,
+        list_a: list,
+        list_b: list,
+        seen: set[str],
+        k: int,
+        rng: np.random.Generator,
+        noise: float = 1.0,
+    ) -> int:
         """A simulated labeler's choice between two lists: 0 for A, 1 for B (Bradley-Terry noise)."""
         ua = self.list_utility(user, list_a, seen, k)
         ub = self.list_utility(user, list_b, seen, k)

@@ -37,7 +37,7 @@ class Sequences:
         sub = table.filter(pc.fill_null(mask, False))
         users = pc.dictionary_encode(sub.column("user_id")).combine_chunks()
         items = pc.dictionary_encode(sub.column("item_id")).combine_chunks()
-        self.user_ids = users.dictionary.to_pylist()      # one string per user, not per event
+        self.user_ids = users.dictionary.to_pylist()  # one string per user, not per event
         self.item_ids = items.dictionary.to_pylist()
         user_codes = users.indices.to_numpy(zero_copy_only=False).astype(np.int32)
         rank = np.empty(len(self.user_ids), dtype=np.int64)
@@ -56,7 +56,7 @@ class Sequences:
         return len(self._span)
 
     def __iter__(self):
-        return iter(self._span)   # built in sorted-user order
+        return iter(self._span)  # built in sorted-user order
 
     def __contains__(self, user_id) -> bool:
         return user_id in self._span
@@ -65,8 +65,10 @@ class Sequences:
         return self._span[user_id]
 
     def events(self, start: int, stop: int) -> list[Event]:
-        return [Event(self.item_ids[self.items[j]], int(self.timestamps[j]), float(self.ratings[j]))
-                for j in range(start, stop)]
+        return [
+            Event(self.item_ids[self.items[j]], int(self.timestamps[j]), float(self.ratings[j]))
+            for j in range(start, stop)
+        ]
 
     def __getitem__(self, user_id: str) -> list[Event]:
         return self.events(*self._span[user_id])
@@ -106,7 +108,7 @@ class UserSplit:
 
     @property
     def seen(self) -> set[str]:
-        return {self.seqs.item_ids[c] for c in self.seqs.items[self.start:self.cut]}
+        return {self.seqs.item_ids[c] for c in self.seqs.items[self.start : self.cut]}
 
 
 def assign_users(user_ids: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
@@ -118,8 +120,15 @@ def assign_users(user_ids: list[str], val_fraction: float, test_fraction: float,
     return {u: ("test" if k < n_test else "val" if k < n_test + n_val else "train") for k, u in enumerate(ids)}
 
 
-def split_users(seqs: Sequences, method: str, holdout: int, val_fraction: float, test_fraction: float,
-                cold_start_max: int, seed: int) -> list[UserSplit]:
+def split_users(
+    seqs: Sequences,
+    method: str,
+    holdout: int,
+    val_fraction: float,
+    test_fraction: float,
+    cold_start_max: int,
+    seed: int,
+) -> list[UserSplit]:
     roles = assign_users(list(seqs), val_fraction, test_fraction, seed)
     cutoff = None
     if method == "temporal":

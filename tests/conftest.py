@@ -22,10 +22,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def rlhf(*args, check=True, env=None, timeout=900):
     """Run the real `rlhf` command in a fresh process, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "rlhf", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"rlhf {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"rlhf {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -55,4 +63,4 @@ def tiny_ppo(tiny_reward):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

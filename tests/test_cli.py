@@ -8,9 +8,11 @@ def test_help_lists_every_stage():
 
 
 def test_label_and_export_on_an_empty_run_name_what_is_missing(tmp_path):
-    cases = [(["label", "serve", "--run", tmp_path, "--round", "1"], "rlhf label export --run"),
-             (["label", "import", "--run", tmp_path, "--round", "1"], "rlhf label export --run"),
-             (["export", "--run", tmp_path, "--out", tmp_path / "x"], "rlhf sft --run")]
+    cases = [
+        (["label", "serve", "--run", tmp_path, "--round", "1"], "rlhf label export --run"),
+        (["label", "import", "--run", tmp_path, "--round", "1"], "rlhf label export --run"),
+        (["export", "--run", tmp_path, "--out", tmp_path / "x"], "rlhf sft --run"),
+    ]
     for args, hint in cases:
         proc = rlhf(*args, "--model", "tiny", check=False)
         assert proc.returncode == 1, proc.stderr

@@ -1,9 +1,8 @@
 import pytest
 import yaml
+from conftest import TINY
 
 from rlhf.config import ConfigError, load_config, save_resolved
-
-from conftest import TINY
 
 
 def test_recipe_and_overrides_merge(tmp_path):
@@ -20,17 +19,20 @@ def test_nested_override_and_list_from_comma():
     assert cfg.reward.sources == ["ratings", "clicks"]
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["sft.lr=1"], "unknown field(s) sft.lr"),
-    (["sft.max_steps=abc"], "sft.max_steps expects int"),
-    (["ppo.batch_size=7"], "divisible by ppo.mini_batches"),
-    (["ppo.lam=1.5"], "ppo.lam must be in [0, 1]"),
-    (["data.mode=rerank", "data.num_candidates=3"], "must exceed data.k"),
-    (["data.source=movielens"], "needs data.path"),
-    (["eval.stages=base,dpo"], "unknown ['dpo']"),
-    (["nosuch.x=1"], "unknown section 'nosuch'"),
-    (["model.load_in_4bit=true"], "needs a CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["sft.lr=1"], "unknown field(s) sft.lr"),
+        (["sft.max_steps=abc"], "sft.max_steps expects int"),
+        (["ppo.batch_size=7"], "divisible by ppo.mini_batches"),
+        (["ppo.lam=1.5"], "ppo.lam must be in [0, 1]"),
+        (["data.mode=rerank", "data.num_candidates=3"], "must exceed data.k"),
+        (["data.source=movielens"], "needs data.path"),
+        (["eval.stages=base,dpo"], "unknown ['dpo']"),
+        (["nosuch.x=1"], "unknown section 'nosuch'"),
+        (["model.load_in_4bit=true"], "needs a CUDA GPU"),
+    ],
+)
 def test_validation_errors_name_the_field(overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)

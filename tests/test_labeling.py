@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TINY, read_jsonl, rlhf
 
 N_LABELERS, PER_LABELER = 50, 20
@@ -52,9 +51,27 @@ def tokens_file(path: Path, n: int) -> dict[str, str]:
 
 @contextlib.contextmanager
 def server(run: Path, round_no: int, tokens: Path, port: int):
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf", "label", "serve", "--run", str(run), "--round", str(round_no),
-                             "--tokens-file", str(tokens), "--port", str(port)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlhf",
+            "label",
+            "serve",
+            "--run",
+            str(run),
+            "--round",
+            str(round_no),
+            "--tokens-file",
+            str(tokens),
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 60
         while True:
@@ -89,8 +106,11 @@ def request(port, method, path, token=None, body=None, raw: bytes | None = None,
         conn.request(method, path, body=data, headers=h)
         resp = conn.getresponse()
         payload = resp.read()
-        return resp.status, (json.loads(payload) if payload and resp.getheader("content-type", "").startswith("application/json")
-                             else payload.decode(errors="replace"))
+        return resp.status, (
+            json.loads(payload)
+            if payload and resp.getheader("content-type", "").startswith("application/json")
+            else payload.decode(errors="replace")
+        )
     finally:
         conn.close()
 
@@ -101,17 +121,20 @@ def judgments_on_disk(run: Path, round_no: int = 1) -> list[dict]:
 
 # ---------------------------------------------------------------- export
 
+
 def test_export_is_deterministic_and_hides_provenance(label_run, tmp_path):
     again = copy_run(label_run, tmp_path / "again")
     shutil.rmtree(again / "labels")
-    rlhf("label", "export", "--run", again, "--config", TINY, "--round", 1, "--prompts", PER_LABELER, "--stages", "base")
+    rlhf(
+        "label", "export", "--run", again, "--config", TINY, "--round", 1, "--prompts", PER_LABELER, "--stages", "base"
+    )
     a = (label_run / "labels/round-001/batch.jsonl").read_text()
     assert a == (again / "labels/round-001/batch.jsonl").read_text()
-    rows = [json.loads(l) for l in a.splitlines()]
+    rows = [json.loads(line) for line in a.splitlines()]
     assert len(rows) == PER_LABELER and len({r["batch_id"] for r in rows}) == 1
     for r in rows:
         assert 2 <= len(r["candidates"]) and len({c["text"] for c in r["candidates"]}) == len(r["candidates"])
-        assert "stage" not in json.dumps(r["candidates"])           # labelers never see which stage wrote a list
+        assert "stage" not in json.dumps(r["candidates"])  # labelers never see which stage wrote a list
         assert r["history"] and all(h["title"] for h in r["history"])
     prov = read_jsonl(label_run / "labels/round-001/provenance.jsonl")
     assert {p["prompt_id"] for p in prov} == {r["prompt_id"] for r in rows}
@@ -125,6 +148,7 @@ def test_export_is_deterministic_and_hides_provenance(label_run, tmp_path):
 
 
 # ---------------------------------------------------------------- store and import
+
 
 def _store(run):
     from rlhf.labeling.batch import Batch
@@ -140,19 +164,25 @@ def test_store_idempotency_and_refusals(label_run, tmp_path):
     run = copy_run(label_run, tmp_path / "run")
     batch, store = _store(run)
     row = batch.rows[0]
-    body = {"batch_id": batch.batch_id, "prompt_id": row["prompt_id"], "preferred": row["candidates"][0]["candidate_id"],
-            "idempotency_key": "k1"}
+    body = {
+        "batch_id": batch.batch_id,
+        "prompt_id": row["prompt_id"],
+        "preferred": row["candidates"][0]["candidate_id"],
+        "idempotency_key": "k1",
+    }
     assert store.add("ann", body)[0] == 201
-    assert store.add("ann", dict(body))[0] == 200                        # a retry is acknowledged, not stored again
-    for bad, status in [({**body, "preferred": "tie"}, 409),            # same key, different judgment
-                        ({**body, "idempotency_key": "k2"}, 409),       # same prompt judged twice
-                        ({**body, "preferred": "c9", "idempotency_key": "k3"}, 422),
-                        ({**body, "prompt_id": "nope", "idempotency_key": "k4"}, 404),
-                        ({**body, "comment": 5, "idempotency_key": "k5"}, 422)]:
+    assert store.add("ann", dict(body))[0] == 200  # a retry is acknowledged, not stored again
+    for bad, status in [
+        ({**body, "preferred": "tie"}, 409),  # same key, different judgment
+        ({**body, "idempotency_key": "k2"}, 409),  # same prompt judged twice
+        ({**body, "preferred": "c9", "idempotency_key": "k3"}, 422),
+        ({**body, "prompt_id": "nope", "idempotency_key": "k4"}, 404),
+        ({**body, "comment": 5, "idempotency_key": "k5"}, 422),
+    ]:
         with pytest.raises(JudgmentError) as e:
             store.add("ann", bad)
         assert e.value.status == status
-    assert store.add("bob", body)[0] == 201                              # keys are per labeler
+    assert store.add("bob", body)[0] == 201  # keys are per labeler
     store.close()
     assert len(judgments_on_disk(run)) == 2
 
@@ -164,25 +194,38 @@ def test_import_rules(label_run, tmp_path):
     batch, store = _store(run)
     r0, r1, r2 = batch.rows[:3]
     c = lambda row, i: row["candidates"][i]["candidate_id"]  # noqa: E731
-    plan = [("ann", r0, c(r0, 0)), ("bob", r0, c(r0, 0)), ("cat", r0, c(r0, 1)),   # 2:1 -> one pair
-            ("ann", r1, "tie"), ("bob", r1, "both_bad"),                            # no pair
-            ("ann", r2, c(r2, 0)), ("bob", r2, c(r2, 1))]                           # 1:1 -> no pair
+    plan = [
+        ("ann", r0, c(r0, 0)),
+        ("bob", r0, c(r0, 0)),
+        ("cat", r0, c(r0, 1)),  # 2:1 -> one pair
+        ("ann", r1, "tie"),
+        ("bob", r1, "both_bad"),  # no pair
+        ("ann", r2, c(r2, 0)),
+        ("bob", r2, c(r2, 1)),
+    ]  # 1:1 -> no pair
     for lab, row, pref in plan:
-        store.add(lab, {"batch_id": batch.batch_id, "prompt_id": row["prompt_id"], "preferred": pref,
-                        "idempotency_key": f"{lab}-{row['prompt_id']}"})
+        store.add(
+            lab,
+            {
+                "batch_id": batch.batch_id,
+                "prompt_id": row["prompt_id"],
+                "preferred": pref,
+                "idempotency_key": f"{lab}-{row['prompt_id']}",
+            },
+        )
     store.close()
     log = run / "labels/round-001/judgments.jsonl"
     first = log.read_text().splitlines()[0]
     with open(log, "a") as f:
-        f.write(first + "\n")                    # a duplicate line in the log counts once
-        f.write(first[:25])                      # an unfinished last line (a crash mid-append)
+        f.write(first + "\n")  # a duplicate line in the log counts once
+        f.write(first[:25])  # an unfinished last line (a crash mid-append)
     rlhf("label", "import", "--run", run, "--config", TINY, "--round", 1)
     summary = json.loads((run / "labels/round-001/summary.json").read_text())
     assert summary["judgments"]["used"] == 7 and summary["judgments"]["duplicate"] == 1
     assert summary["judgments"]["incomplete_last_line"] == 1
     assert summary["answers"] == {"candidate": 5, "tie": 1, "both_bad": 1}
     assert summary["agreement"]["prompts_with_2plus"] == 3
-    assert summary["agreement"]["pairwise"] == pytest.approx((1 + 0 + 0) / 5)   # r0: 1 of 3 pairs agree; r1, r2: 0 of 1
+    assert summary["agreement"]["pairwise"] == pytest.approx((1 + 0 + 0) / 5)  # r0: 1 of 3 pairs agree; r1, r2: 0 of 1
     pairs = pq.read_table(run / "labels/round-001/pairs.parquet").to_pylist()
     assert len(pairs) == 1 == summary["pairs"]
     text = {x["candidate_id"]: x["text"] for x in r0["candidates"]}
@@ -194,6 +237,7 @@ def test_import_rules(label_run, tmp_path):
 
 # ---------------------------------------------------------------- the server
 
+
 def test_auth_and_bad_requests_change_nothing(label_run, tmp_path):
     run = copy_run(label_run, tmp_path / "run")
     tokens = tokens_file(tmp_path / "tokens.csv", 2)
@@ -203,13 +247,17 @@ def test_auth_and_bad_requests_change_nothing(label_run, tmp_path):
         assert request(port, "GET", "/api/next")[0] == 401
         assert request(port, "GET", "/api/next", token="wrong-token-123")[0] == 401
         assert request(port, "GET", "/")[0] == 401
-        assert request(port, "GET", f"/api/next?token={tok}")[0] == 401      # the API wants the header
+        assert request(port, "GET", f"/api/next?token={tok}")[0] == 401  # the API wants the header
         status, page = request(port, "GET", f"/?token={tok}")
         assert status == 200 and "Which recommendation list" in page
         status, row = request(port, "GET", "/api/next", token=tok)
         assert status == 200 and set(row) == {"batch_id", "prompt_id", "history", "candidates"}
-        good = {"batch_id": row["batch_id"], "prompt_id": row["prompt_id"],
-                "preferred": row["candidates"][0]["candidate_id"], "idempotency_key": "k"}
+        good = {
+            "batch_id": row["batch_id"],
+            "prompt_id": row["prompt_id"],
+            "preferred": row["candidates"][0]["candidate_id"],
+            "idempotency_key": "k",
+        }
         cases = [
             ("POST", "/api/judgments", {"raw": b"{not json"}, 400),
             ("POST", "/api/judgments", {"body": [1, 2]}, 400),
@@ -235,7 +283,7 @@ def test_auth_and_bad_requests_change_nothing(label_run, tmp_path):
         assert request(port, "POST", "/api/judgments", token=tok, body=good)[0] == 200
         assert request(port, "GET", "/api/progress", token=tok)[1]["done"] == 1
         other = request(port, "GET", "/api/progress", token=tokens["lab01"])[1]
-        assert other["labeler"] == "lab01" and other["done"] == 0           # each labeler has their own queue
+        assert other["labeler"] == "lab01" and other["done"] == 0  # each labeler has their own queue
     assert len(judgments_on_disk(run)) == 1
 
 
@@ -245,18 +293,21 @@ def _label_all(port, token, acked: list, stop: threading.Event | None = None, re
     while stop is None or not stop.is_set():
         try:
             status, row = request(port, "GET", "/api/next", token=token)
-        except (OSError, http.client.HTTPException):   # the server was killed mid-answer: not acknowledged
+        except (OSError, http.client.HTTPException):  # the server was killed mid-answer: not acknowledged
             return
         if status == 204:
             return
-        body = {"batch_id": row["batch_id"], "prompt_id": row["prompt_id"],
-                "preferred": row["candidates"][n % len(row["candidates"])]["candidate_id"],
-                "idempotency_key": f"{token}-{row['prompt_id']}"}
+        body = {
+            "batch_id": row["batch_id"],
+            "prompt_id": row["prompt_id"],
+            "preferred": row["candidates"][n % len(row["candidates"])]["candidate_id"],
+            "idempotency_key": f"{token}-{row['prompt_id']}",
+        }
         try:
             status, _ = request(port, "POST", "/api/judgments", token=token, body=body)
-            if n % retry_every == 0:     # a client that did not see the answer sends it again
+            if n % retry_every == 0:  # a client that did not see the answer sends it again
                 assert request(port, "POST", "/api/judgments", token=token, body=body)[0] == 200
-        except (OSError, http.client.HTTPException):   # the server was killed mid-answer: not acknowledged
+        except (OSError, http.client.HTTPException):  # the server was killed mid-answer: not acknowledged
             return
         assert status in (200, 201), status
         acked.append((token, row["prompt_id"]))
@@ -279,7 +330,7 @@ def test_fifty_concurrent_labelers(label_run, tmp_path):
     names = {v: k for k, v in tokens.items()}
     assert len(acked) == N_LABELERS * PER_LABELER == 1000
     keys = [(j["labeler"], j["prompt_id"]) for j in on_disk]
-    assert len(keys) == len(set(keys)) == 1000                          # every judgment once, none twice
+    assert len(keys) == len(set(keys)) == 1000  # every judgment once, none twice
     assert {(names[t], p) for t, p in acked} == set(keys)
 
 
@@ -295,20 +346,20 @@ def test_sigkill_mid_round_then_restart(label_run, tmp_path):
             t.start()
         while len(acked) < 40:
             time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGKILL)       # mid-round, with requests in flight
+        os.kill(proc.pid, signal.SIGKILL)  # mid-round, with requests in flight
         proc.wait()
         stop.set()
         for t in threads:
             t.join(timeout=60)
     names = {v: k for k, v in tokens.items()}
-    first = judgments_on_disk(run)              # parses: no torn line survives a restart either
+    first = judgments_on_disk(run)  # parses: no torn line survives a restart either
     keys = {(j["labeler"], j["prompt_id"]) for j in first}
-    assert {(names[t], p) for t, p in acked} <= keys                    # nothing acknowledged is lost
+    assert {(names[t], p) for t, p in acked} <= keys  # nothing acknowledged is lost
     assert len(keys) == len(first)
     with server(run, 1, tmp_path / "tokens.csv", port):
         for name, tok in tokens.items():
             prog = request(port, "GET", "/api/progress", token=tok)[1]
-            assert prog["done"] == sum(1 for j in first if j["labeler"] == name)    # resumes where they were
+            assert prog["done"] == sum(1 for j in first if j["labeler"] == name)  # resumes where they were
             status, row = request(port, "GET", "/api/next", token=tok)
             assert status == 204 or (name, row["prompt_id"]) not in keys
         acked_after: list = []
@@ -323,6 +374,7 @@ def test_sigkill_mid_round_then_restart(label_run, tmp_path):
 
 
 # ---------------------------------------------------------------- simulated labelers -> reward data
+
 
 def _listing_batch(run: Path, round_no: int, hostile: str | None = None) -> None:
     """A round whose candidates are real listings: the user's best films by true utility vs their worst."""
@@ -341,17 +393,33 @@ def _listing_batch(run: Path, round_no: int, hostile: str | None = None) -> None
     for i, p in enumerate(r.rows("prompts/val.parquet")[:6]):
         user = sim.user(p["user_id"])
         seen = set(p["history_ids"])
-        ranked = [it.item_id for it in sorted(catalog.items, key=lambda it: -sim.utility(user, it.item_id))
-                  if it.item_id not in seen]
-        good, bad = ranked[:meta["k"]], ranked[-meta["k"]:]
-        texts = [render([catalog[x].display for x in good], ["a strong match"] * meta["k"]),
-                 render([catalog[x].display for x in bad], [hostile or "a weak match"] * meta["k"])]
+        ranked = [
+            it.item_id
+            for it in sorted(catalog.items, key=lambda it: -sim.utility(user, it.item_id))
+            if it.item_id not in seen
+        ]
+        good, bad = ranked[: meta["k"]], ranked[-meta["k"] :]
+        texts = [
+            render([catalog[x].display for x in good], ["a strong match"] * meta["k"]),
+            render([catalog[x].display for x in bad], [hostile or "a weak match"] * meta["k"]),
+        ]
         order = [0, 1] if i % 2 else [1, 0]
-        rows.append({"batch_id": f"round-{round_no:03d}-test", "prompt_id": f"p{i + 1:04d}", "user_id": p["user_id"],
-                     "prompt": p["prompt"], "history": _history(catalog, p, 8),
-                     "candidates": [{"candidate_id": f"c{n + 1}", "text": texts[o]} for n, o in enumerate(order)]})
-        prov.append({"prompt_id": f"p{i + 1:04d}",
-                     "candidates": {f"c{n + 1}": {"stage": ["good", "bad"][o]} for n, o in enumerate(order)}})
+        rows.append(
+            {
+                "batch_id": f"round-{round_no:03d}-test",
+                "prompt_id": f"p{i + 1:04d}",
+                "user_id": p["user_id"],
+                "prompt": p["prompt"],
+                "history": _history(catalog, p, 8),
+                "candidates": [{"candidate_id": f"c{n + 1}", "text": texts[o]} for n, o in enumerate(order)],
+            }
+        )
+        prov.append(
+            {
+                "prompt_id": f"p{i + 1:04d}",
+                "candidates": {f"c{n + 1}": {"stage": ["good", "bad"][o]} for n, o in enumerate(order)},
+            }
+        )
     (out / "batch.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
     (out / "provenance.jsonl").write_text("".join(json.dumps(x) + "\n" for x in prov))
 
@@ -364,7 +432,7 @@ def test_simulated_round_feeds_the_reward_model(tiny_sft, tmp_path):
     rlhf("label", "simulate", "--run", run, "--config", TINY, "--round", 2, "--labelers", 3, "--noise", 0)
     summary = json.loads((run / "labels/round-002/summary.json").read_text())
     assert summary["judgments"]["used"] == 18 and summary["labelers"] == {"sim-1": 6, "sim-2": 6, "sim-3": 6}
-    assert summary["stage_wins"] == {"good>bad": 6}                     # noise 0: the better list every time
+    assert summary["stage_wins"] == {"good>bad": 6}  # noise 0: the better list every time
     assert summary["agreement"]["pairwise"] == 1.0
     pairs = pq.read_table(run / "labels/round-002/pairs.parquet").to_pylist()
     assert len(pairs) == 6 and all(p["source"] == "labels:round-002" for p in pairs)
@@ -378,27 +446,30 @@ def test_simulated_round_feeds_the_reward_model(tiny_sft, tmp_path):
 
 
 def test_simulated_labeler_choice():
-    from rlhf.labeling.simulate import choose
     import numpy as np
+
+    from rlhf.labeling.simulate import choose
 
     rng = np.random.default_rng(0)
     assert choose([0.2, 0.9], [3, 3], 0, rng) == 1
     assert choose([0.5, 0.5], [3, 3], 0, rng) == "tie"
     assert choose([0.0, 0.0], [0, 0], 1.0, rng) == "both_bad"
     picks = [choose([0.2, 0.6], [3, 3], 1.0, rng) for _ in range(400)]
-    assert 0.9 < sum(p == 1 for p in picks) / 400 < 1.0                # Bradley-Terry: mostly, not always
+    assert 0.9 < sum(p == 1 for p in picks) / 400 < 1.0  # Bradley-Terry: mostly, not always
 
 
 # ---------------------------------------------------------------- a real browser
 
 CHROMIUM = "/usr/bin/chromium"
-HOSTILE = '<img src=x onerror="document.title=\'pwned\'"> Ignore previous instructions'
+HOSTILE = "<img src=x onerror=\"document.title='pwned'\"> Ignore previous instructions"
 
 
 def test_browser_labels_two_items_with_the_keyboard(tiny_sft, tmp_path):
     if not Path(CHROMIUM).exists():
-        raise AssertionError(f"{CHROMIUM} is missing: `make test` installs Debian's chromium as root "
-                             "(apt-get install chromium); this test must run, not skip")
+        raise AssertionError(
+            f"{CHROMIUM} is missing: `make test` installs Debian's chromium as root "
+            "(apt-get install chromium); this test must run, not skip"
+        )
     from playwright.sync_api import expect, sync_playwright
 
     run = copy_run(tiny_sft, tmp_path / "run")
@@ -406,9 +477,18 @@ def test_browser_labels_two_items_with_the_keyboard(tiny_sft, tmp_path):
     tokens = tokens_file(tmp_path / "tokens.csv", 1)
     port = free_port()
     with server(run, 3, tmp_path / "tokens.csv", port), sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{port}/?token={tokens['lab00']}")
@@ -417,8 +497,8 @@ def test_browser_labels_two_items_with_the_keyboard(tiny_sft, tmp_path):
             expect(progress).to_have_text(re.compile(r"^0 / 6"))
             first = page.locator(".cand").first.get_attribute("data-candidate")
             shown = page.locator(".cand pre").all_inner_texts()
-            assert any(HOSTILE in t for t in shown)                    # hostile text shows as text ...
-            assert page.locator(".cand img").count() == 0              # ... and never becomes markup
+            assert any(HOSTILE in t for t in shown)  # hostile text shows as text ...
+            assert page.locator(".cand img").count() == 0  # ... and never becomes markup
             page.keyboard.press("1")
             expect(progress).to_have_text(re.compile(r"^1 / 6"))
             page.keyboard.press("c")

@@ -21,11 +21,17 @@ def test_render_parse_round_trip(catalog):
 
 
 def test_parse_is_forgiving():
-    text = ("Sure! Here are my picks:\n\n1) **Alien** - horror in space\n"
-            "- Heat: a crime epic\n* Inception\n2.   Fargo (1996)—dark comedy\nEnjoy!")
+    text = (
+        "Sure! Here are my picks:\n\n1) **Alien** - horror in space\n"
+        "- Heat: a crime epic\n* Inception\n2.   Fargo (1996)—dark comedy\nEnjoy!"
+    )
     entries = parse(text)
     assert [(e.rank, e.title, e.explanation) for e in entries] == [
-        (1, "Alien", "horror in space"), (2, "Heat", "a crime epic"), (3, "Inception", ""), (4, "Fargo (1996)", "dark comedy")]
+        (1, "Alien", "horror in space"),
+        (2, "Heat", "a crime epic"),
+        (3, "Inception", ""),
+        (4, "Fargo (1996)", "dark comedy"),
+    ]
 
 
 @pytest.mark.parametrize("text", ["", "I cannot help with that.", "1.", "\n\n\n", "—" * 500, "1. " + "a" * 20000])
@@ -43,6 +49,10 @@ def test_grounding_exact_normalised_fuzzy_none(catalog):
     assert catalog.ground("A Film That Does Not Exist (2031)").item_id is None
     assert catalog.ground("").item_id is None
     # remakes: the year picks the right one when titles collide
-    cat = Catalog.from_records([{"item_id": "a", "title": "Dune", "attributes": {"year": 1984}},
-                                {"item_id": "b", "title": "Dune", "attributes": {"year": 2021}}])
+    cat = Catalog.from_records(
+        [
+            {"item_id": "a", "title": "Dune", "attributes": {"year": 1984}},
+            {"item_id": "b", "title": "Dune", "attributes": {"year": 2021}},
+        ]
+    )
     assert cat.ground("Dune (2021)").item_id == "b" and cat.ground("Dune (1984)").item_id == "a"

@@ -2,11 +2,10 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import SHARED, rlhf
 
 from rlhf.config import DataConfig
 from rlhf.interactions import DataError, SkipLog, load_source
-
-from conftest import SHARED, rlhf
 
 ML_GENRES = "0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0|0|0"  # Sci-Fi flag on
 
@@ -18,12 +17,17 @@ def _cfg(**kw):
 def _ml100k(folder):
     folder.mkdir()
     (folder / "u.item").write_bytes(
-        ("1|Matrix, The (1999)|01-Jan-1999||http://x|" + ML_GENRES + "\n"
-         "2|Amélie (2001)|01-Jan-2001||http://x|0|0|0|0|0|1|0|0|0|0|0|0|0|0|1|0|0|0|0\n"
-         "3|broken row\n").encode("latin-1"))
-    (folder / "u.data").write_text("1\t1\t5\t881250949\n1\t2\t3\t881250950\n2\t1\t4\t881250951\n"
-                                   "2\t99\t4\t881250952\n2\t2\tx\t881250953\n2\t2\t4\tnot-a-time\n"
-                                   "1\t1\t5\t881250949\nonly\ttwo\n")
+        (
+            "1|Matrix, The (1999)|01-Jan-1999||http://x|" + ML_GENRES + "\n"
+            "2|Amélie (2001)|01-Jan-2001||http://x|0|0|0|0|0|1|0|0|0|0|0|0|0|0|1|0|0|0|0\n"
+            "3|broken row\n"
+        ).encode("latin-1")
+    )
+    (folder / "u.data").write_text(
+        "1\t1\t5\t881250949\n1\t2\t3\t881250950\n2\t1\t4\t881250951\n"
+        "2\t99\t4\t881250952\n2\t2\tx\t881250953\n2\t2\t4\tnot-a-time\n"
+        "1\t1\t5\t881250949\nonly\ttwo\n"
+    )
     return folder
 
 
@@ -44,7 +48,9 @@ def test_movielens_100k_loads_and_counts_bad_rows(tmp_path):
 def test_movielens_csv(tmp_path):
     d = tmp_path / "ml"
     d.mkdir()
-    (d / "movies.csv").write_text('movieId,title,genres\n1,"Heat (1995)",Action|Crime|Thriller\n2,Toy Story (1995),Animation\n')
+    (d / "movies.csv").write_text(
+        'movieId,title,genres\n1,"Heat (1995)",Action|Crime|Thriller\n2,Toy Story (1995),Animation\n'
+    )
     (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.5,964982703\n1,2,3.0,964981247\n2,3,4,1\n")
     catalog, table = load_source(_cfg(source="movielens", path=str(d)), s := SkipLog())
     assert catalog["1"].genres == ["Action", "Crime", "Thriller"]
@@ -66,13 +72,33 @@ def test_goodbooks_shared_sample():
 def test_amazon_reviews_keep_text(tmp_path, release):
     if release == "2018":
         meta = [{"asin": "A1", "title": "Dune", "category": ["Books", "Sci-Fi"]}, {"asin": "A2", "title": "Emma"}]
-        rev = [{"reviewerID": "u1", "asin": "A1", "overall": 5.0, "unixReviewTime": 1400000000, "summary": "Great",
-                "reviewText": "Loved the desert."}, {"reviewerID": "u1", "asin": "A2", "overall": 2, "unixReviewTime": 1400000001}]
+        rev = [
+            {
+                "reviewerID": "u1",
+                "asin": "A1",
+                "overall": 5.0,
+                "unixReviewTime": 1400000000,
+                "summary": "Great",
+                "reviewText": "Loved the desert.",
+            },
+            {"reviewerID": "u1", "asin": "A2", "overall": 2, "unixReviewTime": 1400000001},
+        ]
     else:
-        meta = [{"parent_asin": "A1", "title": "Dune", "categories": ["Books", "Sci-Fi"], "description": ["A", "B"]},
-                {"parent_asin": "A2", "title": "Emma"}]
-        rev = [{"user_id": "u1", "parent_asin": "A1", "rating": 5.0, "timestamp": 1400000000000, "title": "Great",
-                "text": "Loved the desert."}, {"user_id": "u1", "parent_asin": "A2", "rating": 2.0, "timestamp": 1400000001000}]
+        meta = [
+            {"parent_asin": "A1", "title": "Dune", "categories": ["Books", "Sci-Fi"], "description": ["A", "B"]},
+            {"parent_asin": "A2", "title": "Emma"},
+        ]
+        rev = [
+            {
+                "user_id": "u1",
+                "parent_asin": "A1",
+                "rating": 5.0,
+                "timestamp": 1400000000000,
+                "title": "Great",
+                "text": "Loved the desert.",
+            },
+            {"user_id": "u1", "parent_asin": "A2", "rating": 2.0, "timestamp": 1400000001000},
+        ]
     (tmp_path / "meta_Books.jsonl").write_text("\n".join(map(json.dumps, meta)) + "\n{not json\n")
     (tmp_path / "Books.jsonl").write_text("\n".join(map(json.dumps, rev)) + "\n")
     catalog, table = load_source(_cfg(source="amazon", path=str(tmp_path / "Books.jsonl")), s := SkipLog())
@@ -84,10 +110,16 @@ def test_amazon_reviews_keep_text(tmp_path, release):
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_generic_with_column_mapping(tmp_path, fmt):
-    rows = [{"uid": "a", "iid": "x", "ts": 3, "stars": 5, "name": "Film X"}, {"uid": "a", "iid": "y", "ts": 4, "stars": 1, "name": "Film Y"}]
+    rows = [
+        {"uid": "a", "iid": "x", "ts": 3, "stars": 5, "name": "Film X"},
+        {"uid": "a", "iid": "y", "ts": 4, "stars": 1, "name": "Film Y"},
+    ]
     path = tmp_path / f"log.{fmt}"
     if fmt == "csv":
-        path.write_text("uid,iid,ts,stars,name\n" + "".join(f"{r['uid']},{r['iid']},{r['ts']},{r['stars']},{r['name']}\n" for r in rows))
+        path.write_text(
+            "uid,iid,ts,stars,name\n"
+            + "".join(f"{r['uid']},{r['iid']},{r['ts']},{r['stars']},{r['name']}\n" for r in rows)
+        )
     elif fmt == "jsonl":
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     else:
@@ -115,8 +147,19 @@ def test_unreadable_sources_are_one_clear_error(tmp_path):
 
 
 def test_cli_on_unreadable_source_exits_nonzero_without_traceback(tmp_path):
-    proc = rlhf("data", "prepare", "--source", "movielens", "--path", tmp_path / "nope", "--out", tmp_path / "run",
-                "--model", "tiny", check=False)
+    proc = rlhf(
+        "data",
+        "prepare",
+        "--source",
+        "movielens",
+        "--path",
+        tmp_path / "nope",
+        "--out",
+        tmp_path / "run",
+        "--model",
+        "tiny",
+        check=False,
+    )
     assert proc.returncode == 1
     assert "movies.csv: not found" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -128,8 +171,22 @@ def test_prepare_real_format_end_to_end(tmp_path):
         for n, i in enumerate([1, 2, 1, 2]):
             lines.append(f"{u}\t{i}\t{1 + (u + n) % 5}\t{881250000 + 10 * n + u}")
     (ml / "u.data").write_text("\n".join(lines) + "\n")
-    rlhf("data", "prepare", "--source", "movielens-100k", "--path", ml, "--out", tmp_path / "run", "--model", "tiny",
-         "--min-history", "2", "--k", "1")
+    rlhf(
+        "data",
+        "prepare",
+        "--source",
+        "movielens-100k",
+        "--path",
+        ml,
+        "--out",
+        tmp_path / "run",
+        "--model",
+        "tiny",
+        "--min-history",
+        "2",
+        "--k",
+        "1",
+    )
     summary = json.loads((tmp_path / "run" / "data" / "summary.json").read_text())
     assert summary["users"] == 12 and summary["items"] == 2
     assert summary["skipped"]["counts"]["malformed_item"] == 1  # the broken u.item row, reported
@@ -140,7 +197,9 @@ def test_eval_on_real_format_data_reports_no_simulator_metrics(tmp_path):
     """MovieLens-format data: accuracy, health and beyond-accuracy metrics, simulator metrics absent with a note."""
     d = tmp_path / "ml"
     d.mkdir()
-    movies = ["movieId,title,genres"] + [f"{i},Film {i} ({1980 + i}),{'Drama' if i % 2 else 'Comedy'}|Crime" for i in range(1, 31)]
+    movies = ["movieId,title,genres"] + [
+        f"{i},Film {i} ({1980 + i}),{'Drama' if i % 2 else 'Comedy'}|Crime" for i in range(1, 31)
+    ]
     (d / "movies.csv").write_text("\n".join(movies) + "\n")
     ratings = ["userId,movieId,rating,timestamp"]
     for u in range(1, 41):
@@ -153,7 +212,16 @@ def test_eval_on_real_format_data_reports_no_simulator_metrics(tmp_path):
     m = json.loads((run / "eval" / "metrics.json").read_text())
     base = m["stages"]["base"]
     ease = m["baselines"]["ease"]
-    for name in ("hr@2", "ndcg@2", "valid_rate", "grounded_rate", "coverage", "novelty", "diversity", "popularity_bias"):
+    for name in (
+        "hr@2",
+        "ndcg@2",
+        "valid_rate",
+        "grounded_rate",
+        "coverage",
+        "novelty",
+        "diversity",
+        "popularity_bias",
+    ):
         assert name in base, name  # the random tiny model may ground nothing: undefined values are None
         assert ease[name] is not None, name
     assert base["true_utility"] is None and base["sim_ctr"] is None and ease["true_utility"] is None

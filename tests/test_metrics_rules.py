@@ -60,13 +60,25 @@ def _ids(catalog, *titles):
 
 def test_rule_terms_on_crafted_listings(catalog):
     history = _ids(catalog, "Alien", "The Thing")
-    good = parse_and_ground("1. Aliens (1986) — sci-fi horror like Alien\n2. Predator (1987) — like The Thing\n"
-                            "3. Halloween (1978) — horror like Alien", catalog)
+    good = parse_and_ground(
+        "1. Aliens (1986) — sci-fi horror like Alien\n2. Predator (1987) — like The Thing\n"
+        "3. Halloween (1978) — horror like Alien",
+        catalog,
+    )
     t = rule_terms(good, 3, history, catalog)
-    assert t == {"parses": 1.0, "has_k": 1.0, "in_catalog": 1.0, "no_duplicates": 0.0, "not_in_history": 0.0,
-                 "in_candidates": 0.0, "explained": 1.0, "misquoted": 0.0}
-    bad = parse_and_ground("1. Alien (1979) — great\n2. Aliens (1986) — \n3. Aliens (1986) — again\n"
-                           "4. Blorp Zorp (2030) — horror", catalog)
+    assert t == {
+        "parses": 1.0,
+        "has_k": 1.0,
+        "in_catalog": 1.0,
+        "no_duplicates": 0.0,
+        "not_in_history": 0.0,
+        "in_candidates": 0.0,
+        "explained": 1.0,
+        "misquoted": 0.0,
+    }
+    bad = parse_and_ground(
+        "1. Alien (1979) — great\n2. Aliens (1986) — \n3. Aliens (1986) — again\n4. Blorp Zorp (2030) — horror", catalog
+    )
     t = rule_terms(bad, 3, history, catalog)
     assert t["has_k"] == pytest.approx(2 / 3)
     assert t["in_catalog"] == 0.5  # Alien and Aliens: a repeat earns no catalog credit
@@ -74,18 +86,28 @@ def test_rule_terms_on_crafted_listings(catalog):
     assert t["explained"] == 0.25  # only "horror" ties to the history's genres
     assert rule_terms([], 3, history, catalog)["parses"] == 0.0
     # the reward hack PPO found: K copies of one catalog title must score below K distinct titles
-    same = parse_and_ground("1. Aliens (1986) — sci-fi horror like Alien\n2. Aliens (1986) — sci-fi horror like Alien\n"
-                            "3. Aliens (1986) — sci-fi horror like Alien", catalog)
-    made_up = parse_and_ground("1. Blorp Zorp (2030) — horror like Alien\n2. Blorp Zorp (2030) — horror like Alien\n"
-                               "3. Aliens (1986) — sci-fi horror like Alien", catalog)
-    assert rule_terms(made_up, 3, history, catalog)["no_duplicates"] == pytest.approx(-1 / 3)   # repeats off-catalog too
+    same = parse_and_ground(
+        "1. Aliens (1986) — sci-fi horror like Alien\n2. Aliens (1986) — sci-fi horror like Alien\n"
+        "3. Aliens (1986) — sci-fi horror like Alien",
+        catalog,
+    )
+    made_up = parse_and_ground(
+        "1. Blorp Zorp (2030) — horror like Alien\n2. Blorp Zorp (2030) — horror like Alien\n"
+        "3. Aliens (1986) — sci-fi horror like Alien",
+        catalog,
+    )
+    assert rule_terms(made_up, 3, history, catalog)["no_duplicates"] == pytest.approx(-1 / 3)  # repeats off-catalog too
     w = RuleWeights()
-    assert weighted_sum(rule_terms(good, 3, history, catalog), w) - weighted_sum(rule_terms(same, 3, history, catalog), w) >= 1.0
+    assert (
+        weighted_sum(rule_terms(good, 3, history, catalog), w) - weighted_sum(rule_terms(same, 3, history, catalog), w)
+        >= 1.0
+    )
     cands = _ids(catalog, "Aliens", "Predator")
     t = rule_terms(good, 3, history, catalog, candidate_ids=cands)
     assert t["in_candidates"] == pytest.approx(-1 / 3)
     assert weighted_sum(rule_terms(good, 3, history, catalog), RuleWeights()) > weighted_sum(
-        rule_terms(bad, 3, history, catalog), RuleWeights())
+        rule_terms(bad, 3, history, catalog), RuleWeights()
+    )
 
 
 def test_explanation_tie(catalog):
@@ -100,19 +122,22 @@ def test_rating_claims_checked_against_the_shown_history(catalog):
     heat, alien = _ids(catalog, "Heat") + _ids(catalog, "Alien")
     shown = [(heat, 5.0), (alien, None)]
     assert rating_claims("crime like Heat, which you rated 5/5", shown, catalog) == [True]
-    assert rating_claims("crime like Heat, which you rated 3/5", shown, catalog) == [False]   # wrong rating
+    assert rating_claims("crime like Heat, which you rated 3/5", shown, catalog) == [False]  # wrong rating
     assert rating_claims("sci-fi like Alien, which you rated 4/5", shown, catalog) == [False]  # never rated
-    assert rating_claims("like Vertigo, which you rated 5/5", shown, catalog) == [False]      # not in history
+    assert rating_claims("like Vertigo, which you rated 5/5", shown, catalog) == [False]  # not in history
     assert rating_claims("action like Heat (1995), which you rated 5/5 and Alien", shown, catalog) == [True]
-    assert rating_claims("a crime epic like Heat", shown, catalog) == []                      # no claim made
+    assert rating_claims("a crime epic like Heat", shown, catalog) == []  # no claim made
     assert rating_claims("also by Michael Mann, like Heat, which you rated 5/5", shown, catalog) == [True]
     assert rating_claims("heists like Ocean's, like Heat, which you rated 5/5", shown, catalog) == [True]
 
     # as a reward term: one of three reasons misquotes, the others quote correctly or quote nothing
-    entries = parse_and_ground("1. Fargo (1996) — crime like Heat, which you rated 5/5\n"
-                               "2. Zodiac (2007) — crime like Heat, which you rated 2/5\n"
-                               "3. Aliens (1986) — sci-fi like Alien", catalog)
+    entries = parse_and_ground(
+        "1. Fargo (1996) — crime like Heat, which you rated 5/5\n"
+        "2. Zodiac (2007) — crime like Heat, which you rated 2/5\n"
+        "3. Aliens (1986) — sci-fi like Alien",
+        catalog,
+    )
     history = [heat, alien]
     assert rule_terms(entries, 3, history, catalog, shown=shown)["misquoted"] == pytest.approx(-1 / 3)
-    assert rule_terms(entries, 3, history, catalog)["misquoted"] == 0.0   # nothing shown: not checked
-    assert RuleWeights().misquoted == 0.0                                     # off unless a recipe sets it
+    assert rule_terms(entries, 3, history, catalog)["misquoted"] == 0.0  # nothing shown: not checked
+    assert RuleWeights().misquoted == 0.0  # off unless a recipe sets it

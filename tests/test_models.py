@@ -29,7 +29,7 @@ def test_default_model_loads_from_wheel_and_generates():
     msgs = [{"role": "user", "content": "Name a famous science fiction film."}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert len(text.strip()) > 0 and any(c.isalpha() for c in text)
 
 
@@ -45,7 +45,9 @@ def test_unknown_model_and_bad_directory(tmp_path):
         resolve_model("nope")
     with pytest.raises(ModelError, match="has no config.json"):
         resolve_model(str(tmp_path))
-    assert resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"  # not fetched here
+    assert (
+        resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct") == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    )  # not fetched here
 
 
 def test_lora_config_and_qlora_refusal_on_cpu():

@@ -10,7 +10,6 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, TINY, read_jsonl, rlhf
 
 
@@ -41,7 +40,7 @@ def test_reward_model_trains_and_reports_accuracy_per_source(tiny_reward):
     assert model.config.num_labels == 1
     log = read_jsonl(tiny_reward / "reward" / "log.jsonl")
     losses = [e["loss"] for e in log if "loss" in e]
-    assert losses and all(l == l for l in losses)  # finite
+    assert losses and all(loss == loss for loss in losses)  # finite
     assert losses[-1] < losses[0]  # it learns (seeded: deterministic on this tiny model)
 
 
@@ -61,7 +60,9 @@ def test_reward_model_is_the_adapter_merged_on_a_fresh_base(tiny_reward):
     fresh = load_reward_model(tiny_reward / "sft" / "merged")
     fresh.config.pad_token_id = tok.pad_token_id
     untrained = score_sequences(fresh, seqs, tok.pad_token_id)
-    adapted = score_sequences(PeftModel.from_pretrained(fresh, str(tiny_reward / "reward" / "adapter")), seqs, tok.pad_token_id)
+    adapted = score_sequences(
+        PeftModel.from_pretrained(fresh, str(tiny_reward / "reward" / "adapter")), seqs, tok.pad_token_id
+    )
     assert merged == pytest.approx(adapted, abs=1e-4)
     assert merged != pytest.approx(untrained, abs=1e-4)  # the head and LoRA were saved, not a fresh head
 
@@ -89,7 +90,9 @@ def test_full_finetuning_without_lora_writes_whole_models(tiny_data, tmp_path):
 def test_pairs_dedupe_balance_and_split():
     from reward_models.pairs import balance, split_by_user
 
-    rows = [{"source": "a", "user_id": f"u{i}"} for i in range(10)] + [{"source": "b", "user_id": f"u{i}"} for i in range(2)]
+    rows = [{"source": "a", "user_id": f"u{i}"} for i in range(10)] + [
+        {"source": "b", "user_id": f"u{i}"} for i in range(2)
+    ]
     bal = balance(rows, 2.0, seed=0)
     assert sum(r["source"] == "a" for r in bal) == 4 and sum(r["source"] == "b" for r in bal) == 2
     train, val = split_by_user(rows, 0.3, seed=0)
@@ -138,9 +141,21 @@ def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
     out = tiny_ppo / "ppo"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["update"] for r in rows] == [1, 2]
-    for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
-                "policy/clipfrac_avg", "time/generation_s", "time/scoring_s", "time/optimisation_s",
-                "reward/in_catalog", "reward/has_k", "reward/learned", "reward/true_utility"):
+    for key in (
+        "objective/scores",
+        "objective/kl",
+        "objective/entropy",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "policy/clipfrac_avg",
+        "time/generation_s",
+        "time/scoring_s",
+        "time/optimisation_s",
+        "reward/in_catalog",
+        "reward/has_k",
+        "reward/learned",
+        "reward/true_utility",
+    ):
         assert key in rows[0], key
     assert (out / "adapter" / "adapter_config.json").exists()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["update-000001", "update-000002"]
@@ -154,9 +169,21 @@ def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
 def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_reward, run, ignore=shutil.ignore_patterns("ppo", "eval"))
-    args = [sys.executable, "-m", "rlhf", "ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=5",
-            "ppo.checkpoint_every=2"]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = [
+        sys.executable,
+        "-m",
+        "rlhf",
+        "ppo",
+        "--run",
+        str(run),
+        "--config",
+        TINY,
+        "ppo.total_updates=5",
+        "ppo.checkpoint_every=2",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     ckpt = run / "ppo" / "checkpoints" / "update-000002" / "state.json"
     deadline = time.time() + 400
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -189,35 +216,85 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     assert set(m) >= {"k", "mode", "stages", "baselines", "cold_start", "notes"}
     assert set(m["stages"]) == {"base", "sft", "ppo"}
     assert set(m["baselines"]) == {"popularity", "itemknn", "ease"}
-    for name in ("hr@3", "ndcg@3", "recall@3", "hr@1", "valid_rate", "grounded_rate", "duplicate_rate",
-                 "history_repeat_rate", "coverage", "novelty", "diversity", "popularity_bias", "true_utility",
-                 "sim_ctr", "faithfulness", "rating_claims_correct", "explanation_words", "reward/reward",
-                 "reward/learned", "kl_to_sft"):
+    for name in (
+        "hr@3",
+        "ndcg@3",
+        "recall@3",
+        "hr@1",
+        "valid_rate",
+        "grounded_rate",
+        "duplicate_rate",
+        "history_repeat_rate",
+        "coverage",
+        "novelty",
+        "diversity",
+        "popularity_bias",
+        "true_utility",
+        "sim_ctr",
+        "faithfulness",
+        "rating_claims_correct",
+        "explanation_words",
+        "reward/reward",
+        "reward/learned",
+        "kl_to_sft",
+    ):
         assert name in m["stages"]["ppo"], name
     assert m["baselines"]["ease"]["valid_rate"] == 1.0
     assert m["stages"]["ppo"]["kl_to_sft"] is not None
     paired = m["vs_sft"]["ppo"]  # PPO minus SFT on the same users, with its paired standard error
     assert set(paired) == {"true_utility", "reward"} and paired["reward"]["n"] == m["users"]
-    assert paired["true_utility"]["delta"] == pytest.approx(m["stages"]["ppo"]["true_utility"] - m["stages"]["sft"]["true_utility"])
+    assert paired["true_utility"]["delta"] == pytest.approx(
+        m["stages"]["ppo"]["true_utility"] - m["stages"]["sft"]["true_utility"]
+    )
     truth = m["reward_vs_truth"]  # composite reward and its parts against the simulator's utility, per listing
     assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "n"}
     assert all(v is None or -1.0 <= v <= 1.0 for part, v in truth.items() if part != "n")
     html = (out / "report.html").read_text()
-    for section in ("<h2>Metrics</h2>", "<h2>Plots</h2>", "<h2>Example listings</h2>", "ease (baseline)", "ppo (LLM)",
-                    "ppo − sft: true_utility", "correlation with true utility over"):
+    for section in (
+        "<h2>Metrics</h2>",
+        "<h2>Plots</h2>",
+        "<h2>Example listings</h2>",
+        "ease (baseline)",
+        "ppo (LLM)",
+        "ppo − sft: true_utility",
+        "correlation with true utility over",
+    ):
         assert section in html
     assert (out / "plots" / "ppo_curves.png").stat().st_size > 1000
     assert "| ease (baseline) |" in (out / "report.md").read_text()
 
 
 def test_recommend_plain_constrained_and_bad_input(tiny_ppo):
-    proc = rlhf("recommend", "--run", tiny_ppo, "--config", TINY, "--stage", "sft", "--history",
-                "The Matrix; Alien (1979)", "--json", "--max-new-tokens", "24")
+    proc = rlhf(
+        "recommend",
+        "--run",
+        tiny_ppo,
+        "--config",
+        TINY,
+        "--stage",
+        "sft",
+        "--history",
+        "The Matrix; Alien (1979)",
+        "--json",
+        "--max-new-tokens",
+        "24",
+    )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out) == {"prompt", "text", "items"}
     assert "The Matrix (1999)" in out["prompt"][1]["content"]
-    proc = rlhf("recommend", "--run", tiny_ppo, "--config", TINY, "--history", "The Matrix; Heat", "--constrained",
-                "--json", "--max-new-tokens", "60")
+    proc = rlhf(
+        "recommend",
+        "--run",
+        tiny_ppo,
+        "--config",
+        TINY,
+        "--history",
+        "The Matrix; Heat",
+        "--constrained",
+        "--json",
+        "--max-new-tokens",
+        "60",
+    )
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     titled = [it for it in out["items"] if it["title"]]
     # every title the constrained model started is a real catalog title
@@ -242,8 +319,14 @@ def test_constrained_decoding_forces_catalog_titles():
     prefix = tok("1.", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prefix])
     proc = CatalogTitleProcessor(trie, tok, prompt_length=0)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
-                         logits_processor=LogitsProcessorList([proc]), pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=20,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([proc]),
+        pad_token_id=tok.pad_token_id,
+    )
     text = tok.decode(out[0], skip_special_tokens=True)
     entries = parse_and_ground(text, catalog)
     assert entries and entries[0].in_catalog, text
@@ -255,18 +338,48 @@ def test_multi_cpu_launch_two_ranks(tiny_data, tmp_path):
         pytest.fail("Open MPI is missing: `make test` installs openmpi-bin (apt-get); install it to run this test")
     run = tmp_path / "run"
     shutil.copytree(tiny_data, run)
-    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_btl": "self,tcp",
-           "OMPI_MCA_btl_tcp_if_include": "lo", "OMPI_MCA_oob_tcp_if_include": "lo"}
-    accel = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-             "accelerate_configs/multi_cpu.yaml", "-m", "rlhf"]
-    proc = subprocess.run(accel + ["sft", "--run", str(run), "--config", TINY], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMPI_MCA_btl": "self,tcp",
+        "OMPI_MCA_btl_tcp_if_include": "lo",
+        "OMPI_MCA_oob_tcp_if_include": "lo",
+    }
+    accel = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--config_file",
+        "accelerate_configs/multi_cpu.yaml",
+        "-m",
+        "rlhf",
+    ]
+    proc = subprocess.run(
+        accel + ["sft", "--run", str(run), "--config", TINY],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = subprocess.run(accel + ["reward", "--run", str(run), "--config", TINY], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        accel + ["reward", "--run", str(run), "--config", TINY],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = subprocess.run(accel + ["ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=2"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        accel + ["ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
     assert [r["update"] for r in rows] == [1, 2]

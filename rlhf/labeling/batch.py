@@ -21,8 +21,11 @@ from rlhf.runs import MissingInput, RunDir
 
 SPECIAL = ("tie", "both_bad")
 # where each stage's weights live (the base model by name, trained stages in the run directory)
-WEIGHTS = {"base": lambda run_dir, cfg: cfg.model.name, "sft": lambda run_dir, cfg: run_dir / "sft" / "merged",
-           "ppo": lambda run_dir, cfg: run_dir / "ppo" / "adapter"}
+WEIGHTS = {
+    "base": lambda run_dir, cfg: cfg.model.name,
+    "sft": lambda run_dir, cfg: run_dir / "sft" / "merged",
+    "ppo": lambda run_dir, cfg: run_dir / "ppo" / "adapter",
+}
 
 
 @dataclass
@@ -34,7 +37,7 @@ class Batch:
         self.by_prompt = {r["prompt_id"]: r for r in self.rows}
 
     @classmethod
-    def load(cls, run_dir: Path, round_no: int) -> "Batch":
+    def load(cls, run_dir: Path, round_no: int) -> Batch:
         path = round_dir(run_dir, round_no) / "batch.jsonl"
         if not path.exists():
             raise MissingInput(f"{path} is missing; make it with: rlhf label export --run {run_dir} --round {round_no}")
@@ -65,8 +68,15 @@ def _history(catalog, row: dict, history_len: int) -> list[dict]:
     out = []
     for h in shown:
         it = catalog[h["item_id"]] if h["item_id"] in catalog else None
-        out.append({"item_id": h["item_id"], "title": it.title if it else h["item_id"], "year": it.year if it else None,
-                    "genres": list(it.genres) if it else [], "rating": h.get("rating")})
+        out.append(
+            {
+                "item_id": h["item_id"],
+                "title": it.title if it else h["item_id"],
+                "year": it.year if it else None,
+                "genres": list(it.genres) if it else [],
+                "rating": h.get("rating"),
+            }
+        )
     return out
 
 
@@ -98,8 +108,10 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
     out = round_dir(run_dir, round_no)
     judged = out / "judgments.jsonl"
     if judged.exists() and judged.stat().st_size > 0:
-        raise DataError(f"{judged} already holds judgments; export round {round_no} again would orphan them. "
-                        f"Use a new round number (--round {round_no + 1}).")
+        raise DataError(
+            f"{judged} already holds judgments; export round {round_no} again would orphan them. "
+            f"Use a new round number (--round {round_no + 1})."
+        )
     catalog = run.catalog()
     rows = run.rows(f"prompts/{lc.split}.parquet")
     rows = [r for r in rows if r["history_ids"]]
@@ -118,7 +130,9 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
         else:
             notes.append(f"stage {s}: not trained in this run, no candidates from it")
     if not stages:
-        raise MissingInput(f"none of the stages {lc.stages} is trained in {run_dir}; run `rlhf sft --run {run_dir}` first")
+        raise MissingInput(
+            f"none of the stages {lc.stages} is trained in {run_dir}; run `rlhf sft --run {run_dir}` first"
+        )
     # candidate j of every prompt comes from stages[j % len(stages)]: sft vs ppo side by side when both exist
     for j in range(lc.candidates):
         slots.setdefault(stages[j % len(stages)], []).append(j)
@@ -129,8 +143,17 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
         model, tokenizer = load_stage_model(run_dir, stage, cfg.model)
         for j in js:
             gen_seed = seed * 100 + s_index * 10 + j
-            outs = generate(model, tokenizer, prompts, max_new_tokens=lc.max_new_tokens, batch_size=cfg.eval.batch_size,
-                            do_sample=True, temperature=lc.temperature, seed=gen_seed, progress=f"label {stage}")
+            outs = generate(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens=lc.max_new_tokens,
+                batch_size=cfg.eval.batch_size,
+                do_sample=True,
+                temperature=lc.temperature,
+                seed=gen_seed,
+                progress=f"label {stage}",
+            )
             for i, t in enumerate(outs):
                 texts[i][j], prov[i][j] = t, {"stage": stage, "seed": gen_seed, "temperature": lc.temperature}
         del model
@@ -138,7 +161,7 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
     batch_rows, prov_rows, dropped = [], [], 0
     for i, r in enumerate(rows):
         seen, cands = set(), []
-        for j in rng.permutation(lc.candidates).tolist():   # shown order hides which stage wrote what
+        for j in rng.permutation(lc.candidates).tolist():  # shown order hides which stage wrote what
             if texts[i][j] in seen:
                 continue
             seen.add(texts[i][j])
@@ -147,9 +170,15 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
             dropped += 1
             continue
         pid = f"p{len(batch_rows) + 1:04d}"
-        batch_rows.append({"prompt_id": pid, "user_id": r["user_id"], "prompt": r["prompt"],
-                           "history": _history(catalog, r, cfg.data.history_len),
-                           "candidates": [{"candidate_id": f"c{n + 1}", "text": t} for n, (t, _) in enumerate(cands)]})
+        batch_rows.append(
+            {
+                "prompt_id": pid,
+                "user_id": r["user_id"],
+                "prompt": r["prompt"],
+                "history": _history(catalog, r, cfg.data.history_len),
+                "candidates": [{"candidate_id": f"c{n + 1}", "text": t} for n, (t, _) in enumerate(cands)],
+            }
+        )
         prov_rows.append({"prompt_id": pid, "candidates": {f"c{n + 1}": p for n, (_, p) in enumerate(cands)}})
     if dropped:
         notes.append(f"{dropped} prompts dropped: every candidate for them was the same text")
@@ -164,15 +193,30 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
     _atomic_write(out / "batch.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in batch_rows))
     _atomic_write(out / "provenance.jsonl", "".join(json.dumps(p) + "\n" for p in prov_rows))
     manifest = {
-        "round": round_no, "batch_id": batch_id, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "split": lc.split, "seed": seed, "prompts": len(batch_rows), "candidates_per_prompt": lc.candidates,
-        "temperature": lc.temperature, "max_new_tokens": lc.max_new_tokens, "base_model": cfg.model.name,
-        "stages": {s: {"path": str(WEIGHTS[s](run_dir, cfg)), "digest": None if s == "base" else _digest(WEIGHTS[s](run_dir, cfg))}
-                   for s in stages},
+        "round": round_no,
+        "batch_id": batch_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "split": lc.split,
+        "seed": seed,
+        "prompts": len(batch_rows),
+        "candidates_per_prompt": lc.candidates,
+        "temperature": lc.temperature,
+        "max_new_tokens": lc.max_new_tokens,
+        "base_model": cfg.model.name,
+        "stages": {
+            s: {
+                "path": str(WEIGHTS[s](run_dir, cfg)),
+                "digest": None if s == "base" else _digest(WEIGHTS[s](run_dir, cfg)),
+            }
+            for s in stages
+        },
         "notes": notes,
     }
     _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
-    print(f"label export: {len(batch_rows)} prompts x {lc.candidates} candidates from {', '.join(stages)} -> {out / 'batch.jsonl'}")
+    print(
+        f"label export: {len(batch_rows)} prompts x {lc.candidates} candidates from {', '.join(stages)} "
+        f"-> {out / 'batch.jsonl'}"
+    )
     for n in notes:
         print(f"label export: note: {n}")
     return manifest

@@ -71,8 +71,10 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
     prov_path = out / "provenance.jsonl"
     prov = {}
     if prov_path.exists():
-        prov = {p["prompt_id"]: p["candidates"]
-                for p in (json.loads(line) for line in prov_path.read_text().splitlines() if line.strip())}
+        prov = {
+            p["prompt_id"]: p["candidates"]
+            for p in (json.loads(line) for line in prov_path.read_text().splitlines() if line.strip())
+        }
     records, counts = read_judgments(out / "judgments.jsonl")
     counts["read"] = len(records)
     keys, decided = set(), {}
@@ -116,28 +118,52 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
             stages = (prov.get(pid, {}).get(win, {}).get("stage"), prov.get(pid, {}).get(lose, {}).get("stage"))
             if all(stages):
                 stage_wins[f"{stages[0]}>{stages[1]}"] += 1
-            pairs.append({
-                "prompt": row["prompt"], "chosen": [{"role": "assistant", "content": text[win]}],
-                "rejected": [{"role": "assistant", "content": text[lose]}], "source": source,
-                "user_id": row["user_id"],
-                "provenance": json.dumps({"batch_id": batch.batch_id, "prompt_id": pid, "chosen": win, "rejected": lose,
-                                          "votes": {k: votes[k] for k in (win, lose)}, "labelers": labelers,
-                                          "chosen_stage": stages[0], "rejected_stage": stages[1]}, sort_keys=True),
-            })
+            pairs.append(
+                {
+                    "prompt": row["prompt"],
+                    "chosen": [{"role": "assistant", "content": text[win]}],
+                    "rejected": [{"role": "assistant", "content": text[lose]}],
+                    "source": source,
+                    "user_id": row["user_id"],
+                    "provenance": json.dumps(
+                        {
+                            "batch_id": batch.batch_id,
+                            "prompt_id": pid,
+                            "chosen": win,
+                            "rejected": lose,
+                            "votes": {k: votes[k] for k in (win, lose)},
+                            "labelers": labelers,
+                            "chosen_stage": stages[0],
+                            "rejected_stage": stages[1],
+                        },
+                        sort_keys=True,
+                    ),
+                }
+            )
     _write(pairs, out / "pairs.parquet")
     per_labeler = Counter(j["labeler"] for j in decided.values())
     summary = {
-        "round": round_no, "batch_id": batch.batch_id, "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "prompts": len(batch.rows), "prompts_judged": len(by_prompt), "judgments": dict(counts),
-        "answers": dict(answers), "pairs": len(pairs), "labelers": dict(sorted(per_labeler.items())),
-        "agreement": {"prompts_with_2plus": len(tables),
-                      "pairwise": agree_same / agree_all if agree_all else None,
-                      "fleiss_kappa": fleiss_kappa(tables)},
+        "round": round_no,
+        "batch_id": batch.batch_id,
+        "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "prompts": len(batch.rows),
+        "prompts_judged": len(by_prompt),
+        "judgments": dict(counts),
+        "answers": dict(answers),
+        "pairs": len(pairs),
+        "labelers": dict(sorted(per_labeler.items())),
+        "agreement": {
+            "prompts_with_2plus": len(tables),
+            "pairwise": agree_same / agree_all if agree_all else None,
+            "fleiss_kappa": fleiss_kappa(tables),
+        },
         "stage_wins": dict(stage_wins),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"label import: {counts['used']} judgments ({counts['duplicate']} duplicates dropped) from "
-          f"{len(per_labeler)} labelers -> {len(pairs)} pairs in {out / 'pairs.parquet'} (source {source})")
+    print(
+        f"label import: {counts['used']} judgments ({counts['duplicate']} duplicates dropped) from "
+        f"{len(per_labeler)} labelers -> {len(pairs)} pairs in {out / 'pairs.parquet'} (source {source})"
+    )
     if stage_wins:
         print(f"label import: stage wins {dict(stage_wins)}")
     return summary

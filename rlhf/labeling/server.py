@@ -68,9 +68,9 @@ def _csp_hash(tag: str) -> str:
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": f"default-src 'none'; script-src {_csp_hash('script')}; style-src {_csp_hash('style')}; "
-                               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",          # the page URL carries the token
+    "Referrer-Policy": "no-referrer",  # the page URL carries the token
     "Cache-Control": "no-store",
 }
 
@@ -96,7 +96,7 @@ class TokenAuth:
             supplied = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [None])[-1]
         if not supplied:
             return None
-        for tok, name in self.tokens.items():   # constant time per token
+        for tok, name in self.tokens.items():  # constant time per token
             if hmac.compare_digest(tok.encode(), supplied.encode()):
                 return name
         return None
@@ -105,8 +105,11 @@ class TokenAuth:
         if scope["type"] == "http":
             name = self.labeler(scope)
             if name is None:
-                resp = _error(401, "missing or invalid token: send `Authorization: Bearer <token>` "
-                                   "(open the page as /?token=<token>)", **{"WWW-Authenticate": "Bearer"})
+                resp = _error(
+                    401,
+                    "missing or invalid token: send `Authorization: Bearer <token>` (open the page as /?token=<token>)",
+                    **{"WWW-Authenticate": "Bearer"},
+                )
                 await resp(scope, receive, send)
                 return
             scope.setdefault("state", {})["labeler"] = name
@@ -121,8 +124,15 @@ def make_app(store: JudgmentStore, tokens: dict[str, str], max_body: int = 16384
         row = store.next_for(request.state.labeler)
         if row is None:
             return Response(status_code=204, headers=SECURITY_HEADERS)
-        return JSONResponse({"batch_id": row["batch_id"], "prompt_id": row["prompt_id"], "history": row["history"],
-                             "candidates": row["candidates"]}, headers=SECURITY_HEADERS)
+        return JSONResponse(
+            {
+                "batch_id": row["batch_id"],
+                "prompt_id": row["prompt_id"],
+                "history": row["history"],
+                "candidates": row["candidates"],
+            },
+            headers=SECURITY_HEADERS,
+        )
 
     async def progress(request: Request):
         return JSONResponse(store.progress(request.state.labeler), headers=SECURITY_HEADERS)
@@ -147,13 +157,21 @@ def make_app(store: JudgmentStore, tokens: dict[str, str], max_body: int = 16384
         return JSONResponse({"stored": status == 201, "judgment": rec}, status_code=status, headers=SECURITY_HEADERS)
 
     async def not_found(request: Request, exc):
-        return _error(exc.status_code, f"{request.method} {request.url.path[:200]}: "
-                                       + ("no such endpoint" if exc.status_code == 404 else "method not allowed"))
+        return _error(
+            exc.status_code,
+            f"{request.method} {request.url.path[:200]}: "
+            + ("no such endpoint" if exc.status_code == 404 else "method not allowed"),
+        )
 
-    app = Starlette(routes=[Route("/", page, methods=["GET"]), Route("/api/next", next_row, methods=["GET"]),
-                            Route("/api/progress", progress, methods=["GET"]),
-                            Route("/api/judgments", judgments, methods=["POST"])],
-                    exception_handlers={404: not_found, 405: not_found})
+    app = Starlette(
+        routes=[
+            Route("/", page, methods=["GET"]),
+            Route("/api/next", next_row, methods=["GET"]),
+            Route("/api/progress", progress, methods=["GET"]),
+            Route("/api/judgments", judgments, methods=["POST"]),
+        ],
+        exception_handlers={404: not_found, 405: not_found},
+    )
     return TokenAuth(app, tokens)
 
 
@@ -175,12 +193,19 @@ def run_serve(cfg, run_dir: Path, round_no: int, token: str | None = None, token
     shown_host = f"[{lc.host}]" if ":" in lc.host else lc.host
     print(f"label serve: {batch.batch_id}, {len(batch.rows)} prompts, {len(store.judgments())} judgments so far")
     if lc.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"label serve: warning: listening on {lc.host}; tokens travel in clear text unless a TLS proxy fronts this")
+        print(
+            f"label serve: warning: listening on {lc.host}; tokens travel in clear text unless a TLS proxy fronts this"
+        )
     for tok, name in tokens.items():
         shown = tok if not tokens_file else tok[:3] + "…"
         print(f"label serve: {name}: http://{shown_host}:{lc.port}/?token={shown}")
     try:
-        uvicorn.run(make_app(store, tokens, lc.max_body_bytes), host=lc.host, port=lc.port,
-                    log_level="warning", access_log=False)
+        uvicorn.run(
+            make_app(store, tokens, lc.max_body_bytes),
+            host=lc.host,
+            port=lc.port,
+            log_level="warning",
+            access_log=False,
+        )
     finally:
         store.close()

@@ -26,7 +26,7 @@ def choose(utilities: list[float], grounded: list[int], noise: float, rng: np.ra
     if noise == 0:
         best = np.flatnonzero(u == u.max())
         return int(best[0]) if len(best) == 1 else "tie"
-    z = u * 10.0 / noise          # the scale the simulator's pairwise labeler uses
+    z = u * 10.0 / noise  # the scale the simulator's pairwise labeler uses
     p = np.exp(z - z.max())
     return int(rng.choice(len(u), p=p / p.sum()))
 
@@ -39,8 +39,10 @@ def run_simulate(cfg, run_dir: Path, round_no: int) -> dict:
     run, lc = RunDir(run_dir), cfg.label
     meta = run.meta()
     if meta.get("simulator_seed") is None:
-        raise DataError(f"{run.data / 'meta.json'}: this run's data has no simulator; `rlhf label simulate` needs "
-                        "data.source=builtin (people label other data with `rlhf label serve`)")
+        raise DataError(
+            f"{run.data / 'meta.json'}: this run's data has no simulator; `rlhf label simulate` needs "
+            "data.source=builtin (people label other data with `rlhf label serve`)"
+        )
     catalog = run.catalog()
     sim = Simulator(catalog, seed=meta["simulator_seed"])
     batch = Batch.load(run_dir, round_no)
@@ -53,20 +55,31 @@ def run_simulate(cfg, run_dir: Path, round_no: int) -> dict:
             for row in batch.rows:
                 user = sim.user(row["user_id"])
                 seen = {h["item_id"] for h in row["history"]}
-                lists = [[e.item_id for e in parse_and_ground(c["text"], catalog) if e.item_id] for c in row["candidates"]]
+                lists = [
+                    [e.item_id for e in parse_and_ground(c["text"], catalog) if e.item_id] for c in row["candidates"]
+                ]
                 utils = [sim.list_utility(user, ids, seen, meta["k"]) for ids in lists]
                 pick = choose(utils, [len(ids) for ids in lists], lc.noise, rng)
                 preferred = pick if isinstance(pick, str) else row["candidates"][pick]["candidate_id"]
                 try:
-                    status, _ = store.add(labeler, {"batch_id": batch.batch_id, "prompt_id": row["prompt_id"],
-                                                    "preferred": preferred, "idempotency_key": f"sim:{row['prompt_id']}"})
-                except JudgmentError:   # judged before with other settings: the first decision stands
+                    status, _ = store.add(
+                        labeler,
+                        {
+                            "batch_id": batch.batch_id,
+                            "prompt_id": row["prompt_id"],
+                            "preferred": preferred,
+                            "idempotency_key": f"sim:{row['prompt_id']}",
+                        },
+                    )
+                except JudgmentError:  # judged before with other settings: the first decision stands
                     kept += 1
                     continue
                 stored += status == 201
                 repeated += status == 200
     finally:
         store.close()
-    print(f"label simulate: {lc.labelers} labelers, noise {lc.noise}: {stored} judgments stored, {repeated} already there"
-          + (f", {kept} earlier decisions kept (made with other settings)" if kept else ""))
+    print(
+        f"label simulate: {lc.labelers} labelers, noise {lc.noise}: {stored} judgments stored, {repeated} already there"
+        + (f", {kept} earlier decisions kept (made with other settings)" if kept else "")
+    )
     return run_import(cfg, run_dir, round_no)

@@ -97,8 +97,13 @@ class JudgmentStore:
     def progress(self, labeler: str) -> dict:
         done = len(self._done.get(labeler, {}))
         total = len(self.batch.rows)
-        return {"labeler": labeler, "batch_id": self.batch.batch_id, "done": done, "total": total,
-                "remaining": total - done}
+        return {
+            "labeler": labeler,
+            "batch_id": self.batch.batch_id,
+            "done": done,
+            "total": total,
+            "remaining": total - done,
+        }
 
     def judgments(self) -> list[dict]:
         with self._lock:
@@ -116,7 +121,9 @@ class JudgmentStore:
             if not isinstance(payload.get(f), str) or not payload[f]:
                 raise JudgmentError(400, f"field {f!r} is required and must be a non-empty string")
         if payload["batch_id"] != self.batch.batch_id:
-            raise JudgmentError(404, f"unknown batch_id {payload['batch_id'][:80]!r}; this round serves {self.batch.batch_id}")
+            raise JudgmentError(
+                404, f"unknown batch_id {payload['batch_id'][:80]!r}; this round serves {self.batch.batch_id}"
+            )
         row = self.batch.by_prompt.get(payload["prompt_id"])
         if row is None:
             raise JudgmentError(404, f"unknown prompt_id {payload['prompt_id'][:80]!r} in batch {self.batch.batch_id}")
@@ -129,9 +136,14 @@ class JudgmentStore:
         if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
             raise JudgmentError(422, f"comment must be a string of at most {MAX_COMMENT} characters")
         pref = payload["preferred"]
-        return {"batch_id": payload["batch_id"], "prompt_id": payload["prompt_id"], "preferred": pref,
-                "rejected": [] if pref in SPECIAL else [i for i in ids if i != pref],
-                "idempotency_key": payload["idempotency_key"], "comment": comment}
+        return {
+            "batch_id": payload["batch_id"],
+            "prompt_id": payload["prompt_id"],
+            "preferred": pref,
+            "rejected": [] if pref in SPECIAL else [i for i in ids if i != pref],
+            "idempotency_key": payload["idempotency_key"],
+            "comment": comment,
+        }
 
     def add(self, labeler: str, payload) -> tuple[int, dict]:
         """Store one judgment durably: (201, record) when new, (200, record) for a repeated key."""
