@@ -10,6 +10,7 @@ greedy generation (batch 1), parse and ground. The first call of each mode is a 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from _common import device  # noqa: E402
 
 def main() -> None:
     from rlhf.config import load_config
-    from rlhf.evaluate import load_stage_model
+    from rlhf.models import load_stage
+    from rlhf.precision import resolve
     from rlhf.recommend import recommend
     from rlhf.runs import RunDir
 
@@ -33,22 +35,28 @@ def main() -> None:
     p.add_argument("--stage", default="ppo", choices=["base", "sft", "ppo"])
     p.add_argument("--users", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=112)
+    p.add_argument("--free-only", action="store_true", help="skip the constrained-decoding pass")
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.field=value", help="config overrides, e.g. model.dtype=float32"
+    )
     args = p.parse_args()
     run_dir = Path(args.run)
-    cfg = load_config(args.config or (run_dir / "config.yaml"))
+    cfg = load_config(args.config or (run_dir / "config.yaml"), args.overrides)
     run = RunDir(run_dir)
     k = run.meta()["k"]
     rows = run.rows("prompts/test.parquet")[: args.users + 1]
-    loaded = load_stage_model(run_dir, args.stage, cfg.model)
+    dtype = resolve(cfg.model)
+    loaded = load_stage(run_dir, args.stage, cfg.model, dtype)
     if loaded is None:
         raise SystemExit(f"stage {args.stage} is not trained in {run_dir}")
     import torch
 
     print(
         f"machine: {device()}, torch threads {torch.get_num_threads()}; stage {args.stage}, "
-        f"{len(rows) - 1} users, up to {args.max_new_tokens} new tokens, greedy, batch 1"
+        f"{len(rows) - 1} users, up to {args.max_new_tokens} new tokens, greedy, batch 1, {dtype}"
     )
-    for constrained in (False, True):
+    summary = {}
+    for constrained in (False,) if args.free_only else (False, True):
         secs, grounded = [], []
         for i, r in enumerate(rows):
             t0 = time.perf_counter()
@@ -66,10 +74,17 @@ def main() -> None:
             if i:  # the first call warms up
                 secs.append(time.perf_counter() - t0)
                 grounded.append(np.mean([it["in_catalog"] for it in out["items"]]) if out["items"] else 0.0)
+        mode = "constrained" if constrained else "free"
+        summary[mode] = {
+            "p50_s": float(np.percentile(secs, 50)),
+            "p95_s": float(np.percentile(secs, 95)),
+            "grounded": float(np.mean(grounded)),
+        }
         print(
-            f"{'constrained' if constrained else 'free':>11}: p50 {np.percentile(secs, 50):.2f} s, "
+            f"{mode:>11}: p50 {np.percentile(secs, 50):.2f} s, "
             f"p95 {np.percentile(secs, 95):.2f} s; items grounded {np.mean(grounded):.2f}"
         )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

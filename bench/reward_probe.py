@@ -27,11 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    from reward_models.composite import PromptContext
+    from reward_models.composite import for_run
+    from reward_models.terms import PromptContext
     from rlhf.config import load_config
-    from rlhf.evaluate import Context, load_composite
+    from rlhf.evaluate import HeldOutUsers
     from rlhf.explain import explain
     from rlhf.listing import parse_and_ground, render
+    from rlhf.precision import resolve
     from rlhf.runs import RunDir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -41,12 +43,13 @@ def main() -> None:
     args = p.parse_args()
     run_dir = Path(args.run)
     cfg = load_config(run_dir / "config.yaml")
-    ctx = Context(RunDir(run_dir), "test", args.users)
+    run = RunDir(run_dir)
+    ctx = HeldOutUsers(run, "test", args.users)
     if ctx.sim is None:
         raise SystemExit(f"{run_dir}: the data did not come from the simulator, so true utility is unknown")
-    composite = load_composite(run_dir, ctx, cfg)
-    if composite is None:
+    if not run.done("reward"):
         raise SystemExit(f"{run_dir}: no reward model (run `rlhf reward --run {run_dir}` first)")
+    composite = for_run(run, cfg.ppo.reward_weights, resolve(cfg.model))
     sim, catalog, k = ctx.sim, ctx.catalog, ctx.meta["k"]
     rng = np.random.default_rng(args.seed)
 
@@ -89,12 +92,12 @@ def main() -> None:
     print(f"reward model of {run_dir} against simulator true utility ({len(ctx.rows)} held-out users)")
     print(f"{'listing':44s} {'n':>4s} {'corr':>6s} {'learned':>8s} {'truth':>6s}")
     for name, items in kinds.items():
-        scored = composite.score_texts(
+        scored = composite.score(
             [r["prompt"] for r, _, _ in items],
             [t for _, t, _ in items],
             [PromptContext.from_row(r) for r, _, _ in items],
         )
-        learned = np.array([s["learned"] for s in scored])
+        learned = np.array(scored.terms["learned"])
         truth = np.array(
             [sim.list_utility(sim.user(r["user_id"]), ids[:k], set(r["history_ids"]), k) for r, _, ids in items]
         )

@@ -1,163 +1,78 @@
-"""The learned reward model plus weighted rule terms, behind the interface TRL's PPO reads rewards through.
+"""The composite reward: a weighted sum of registered terms, handing back every term's values with the total.
 
-TRL 1.12's ``trl.experimental.utils.get_reward`` calls ``getattr(model, model.base_model_prefix)(input_ids=...,
-attention_mask=..., position_ids=..., output_hidden_states=True, ...)`` and applies ``model.score`` to
-``hidden_states[-1]``, reading the value at the last response token. Here the backbone returns, at every
-position, ``rm_weight * learned score + sum(weight * rule term)`` as a one-channel "hidden state" and
-``score`` is the identity, so PPO trains against the composite unchanged. The rule terms need the
-user's history: prompts are registered by their token ids before training (``register``).
+One object scores PPO rollouts (through reward_models/trl_ppo.py), critic-free RL, eval, labeling and the probes.
+Weights are the recipe's ``ppo.reward_weights`` over the defaults in ``reward_models.terms.TERMS``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
+from pathlib import Path
 
-import torch
-from torch import nn
+from reward_models.terms import DEFAULT_WEIGHTS, TERMS, PromptContext, RewardEnv
+from reward_models.terms.learned import LearnedScore
 
-from reward_models.rules import TERMS, rule_terms, shown_pairs, weighted_sum
-from rlhf.listing import parse_and_ground
 
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
+class RewardError(ValueError):
+    """A composite that cannot be built as asked; the message says what is missing."""
 
 
 @dataclass
-class PromptContext:
-    history_ids: list
-    candidate_ids: list
-    user_id: str | None = None
-    shown: list | None = None  # (item id, rating) pairs the prompt showed
+class Scored:
+    """One batch's reward: the weighted total per completion and each term's values (same order)."""
 
-    @classmethod
-    def from_row(cls, row: dict) -> PromptContext:
-        """From a prompt row of the data stage (prompts/*.parquet)."""
-        return cls(list(row["history_ids"]), list(row.get("candidate_ids") or []), row.get("user_id"), shown_pairs(row))
+    total: list[float]
+    terms: dict[str, list[float]]
 
+    def rows(self) -> list[dict]:
+        """Per completion: {"reward": total, <term>: value, ...}."""
+        return [{"reward": t, **{n: v[i] for n, v in self.terms.items()}} for i, t in enumerate(self.total)]
 
-class _Backbone(nn.Module):
-    def __init__(self, owner: CompositeReward):
-        super().__init__()
-        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle)
-
-    def forward(self, input_ids, attention_mask=None, position_ids=None, **_):
-        return SimpleNamespace(
-            hidden_states=(self._owner[0].per_position_reward(input_ids, attention_mask, position_ids),)
-        )
+    def means(self) -> dict[str, float]:
+        n = max(len(self.total), 1)
+        return {"reward": sum(self.total) / n, **{name: sum(v) / n for name, v in self.terms.items()}}
 
 
-class CompositeReward(nn.Module):
-    base_model_prefix = "backbone"
+class CompositeReward:
+    """``score(prompts, completions, contexts)`` -> Scored. Every term the run can build is computed (a weight of 0
+    still reports it); a term with a weight but nothing to build it from is an error, not a silent zero."""
 
-    def __init__(self, reward_model, tokenizer, catalog, k: int, rules, rm_weight: float = 1.0, truth=None):
-        """``truth(user_id, item_ids) -> float``, when given, is logged as ``true_utility`` and never
-        enters the reward (it is the simulator's ground truth, for watching reward hacking)."""
-        super().__init__()
-        self.rm = reward_model
-        self.backbone = _Backbone(self)
-        self.score = nn.Identity()
-        self.config = reward_model.config  # DeepSpeed reads hidden_size from here
-        self.tokenizer, self.catalog, self.k, self.rules, self.rm_weight = tokenizer, catalog, k, rules, rm_weight
-        self.truth = truth
-        self.header = tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
-        self.contexts: dict[tuple, PromptContext] = {}
-        self.last_terms: dict[str, float] = {}
-        self.last_samples: list[dict] = []  # the last batch's decoded responses with their reward parts
-        for p in self.rm.parameters():
-            p.requires_grad_(False)
+    def __init__(self, env: RewardEnv, weights: dict[str, float] | None = None):
+        weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        unknown = sorted(set(weights) - set(TERMS))
+        if unknown:
+            raise RewardError(f"unknown reward term(s) {unknown}; known: {', '.join(TERMS)}")
+        self.env, self.weights, self.terms = env, weights, {}
+        for name, spec in TERMS.items():
+            term = spec.build(env)
+            if term is not None:
+                self.terms[name] = term
+            elif weights[name]:
+                raise RewardError(
+                    f"reward term {name!r} has weight {weights[name]} but this run has nothing to "
+                    f"build it from ({spec.help}); train it first or set its weight to 0"
+                )
 
-    # -- prompt registry -----------------------------------------------------------------------
-    def register(self, prompt_ids: list[int], ctx: PromptContext) -> None:
-        self.contexts[tuple(prompt_ids)] = ctx
+    def score(self, prompts: list, completions: list[str], contexts: list[PromptContext | None]) -> Scored:
+        values = {name: [float(v) for v in term(prompts, completions, contexts)] for name, term in self.terms.items()}
+        total = [sum(self.weights[name] * values[name][i] for name in values) for i in range(len(completions))]
+        return Scored(total, values)
 
-    def _split(self, ids: list[int]) -> tuple[tuple, list[int]]:
-        """(prompt ids up to and including the last assistant header, response ids)."""
-        h = len(self.header)
-        for start in range(len(ids) - h, -1, -1):
-            if ids[start : start + h] == self.header:
-                return tuple(ids[: start + h]), ids[start + h :]
-        return tuple(ids), []
+    def rule_part(self, scored: Scored) -> list[float]:
+        """The total without the learned term (eval's reward_vs_truth reads the two parts apart)."""
+        learned = scored.terms.get("learned")
+        if learned is None:
+            return list(scored.total)
+        return [t - self.weights["learned"] * s for t, s in zip(scored.total, learned)]
 
-    # -- scoring -------------------------------------------------------------------------------
-    def learned(self, input_ids, attention_mask, position_ids):
-        backbone = getattr(self.rm, self.rm.base_model_prefix)
-        out = backbone(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            return_dict=True,
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        return self.rm.score(out.hidden_states[-1]).float()  # [B, T, 1]
 
-    def terms_for(self, response_text: str, ctx: PromptContext | None) -> tuple[dict[str, float], float | None]:
-        """(rule terms, true utility or None) of one response."""
-        entries = parse_and_ground(response_text, self.catalog)
-        terms = rule_terms(
-            entries,
-            self.k,
-            ctx.history_ids if ctx else [],
-            self.catalog,
-            ctx.candidate_ids if ctx else None,
-            ctx.shown if ctx else None,
-        )
-        truth = None
-        if self.truth is not None and ctx is not None and ctx.user_id is not None:
-            truth = self.truth(ctx.user_id, [e.item_id for e in entries], ctx.history_ids)
-        return terms, truth
+def for_run(run, weights: dict, dtype: str, reward_model: Path | None = None) -> CompositeReward:
+    """The composite of a run (a RunDir): its catalog and K, and its reward model, when one was trained, as the
+    learned term, loaded in ``dtype`` on this process's device."""
+    from rlhf.models import load_reward_model, load_tokenizer, on_device
 
-    @torch.no_grad()
-    def per_position_reward(self, input_ids, attention_mask, position_ids):
-        learned = self.learned(input_ids, attention_mask, position_ids)
-        mask = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        rule_totals, all_terms, truths, texts = [], [], [], []
-        for row, m in zip(input_ids.tolist(), mask.tolist()):
-            ids = [t for t, keep in zip(row, m) if keep]
-            prompt, response = self._split(ids)
-            eos = self.tokenizer.eos_token_id
-            if eos in response:
-                response = response[: response.index(eos)]
-            text = self.tokenizer.decode(response, skip_special_tokens=True)
-            texts.append(text)
-            terms, truth = self.terms_for(text, self.contexts.get(prompt))
-            all_terms.append(terms)
-            if truth is not None:
-                truths.append(truth)
-            rule_totals.append(weighted_sum(terms, self.rules))
-        self.last_terms = {t: sum(d[t] for d in all_terms) / len(all_terms) for t in TERMS}
-        self.last_terms["learned"] = float(learned.mean()) if learned.numel() else 0.0
-        if truths:
-            self.last_terms["true_utility"] = sum(truths) / len(truths)
-        rules = torch.tensor(rule_totals, dtype=torch.float32, device=learned.device).view(-1, 1, 1)
-        total = self.rm_weight * learned + rules
-        # where TRL reads the reward: the last real token (queries are left-padded, responses right-padded)
-        last = (mask.shape[1] - 1 - mask.flip(1).float().argmax(1)).tolist()
-        self.last_samples = [
-            {"text": t, "reward": float(total[r, last[r], 0]), "learned": float(learned[r, last[r], 0]), **terms}
-            for r, (t, terms) in enumerate(zip(texts, all_terms))
-        ]
-        return total
-
-    @torch.no_grad()
-    def score_texts(
-        self, prompts: list[list[dict]], texts: list[str], contexts: list[PromptContext], batch_size: int = 16
-    ) -> list[dict]:
-        """Composite reward and its parts for finished responses (evaluation); same layout as PPO."""
-        from reward_models.encoding import encode, pad_left
-
-        device = next(self.rm.parameters()).device
-        out = []
-        for s in range(0, len(texts), batch_size):
-            seqs = [
-                encode(self.tokenizer, p, t) for p, t in zip(prompts[s : s + batch_size], texts[s : s + batch_size])
-            ]
-            ids, mask = pad_left(seqs, self.tokenizer.pad_token_id)
-            ids, mask = ids.to(device), mask.to(device)
-            pos = (mask.cumsum(1) - mask).clamp(min=0)
-            learned = self.learned(ids, mask, pos)[:, -1, 0].tolist()
-            for j, text in enumerate(texts[s : s + batch_size]):
-                terms, _ = self.terms_for(text, contexts[s + j])
-                total = self.rm_weight * learned[j] + weighted_sum(terms, self.rules)
-                out.append({"reward": total, "learned": learned[j], **terms})
-        return out
+    path = Path(reward_model) if reward_model is not None else run.root / "reward" / "model"
+    learned = None
+    if path.exists():
+        learned = LearnedScore(on_device(load_reward_model(path, dtype)), load_tokenizer(str(path)))
+    return CompositeReward(RewardEnv(run.catalog(), run.meta()["k"], learned), weights)

@@ -16,7 +16,7 @@ from pathlib import Path
 from reward_models.encoding import encode, score_sequences
 from reward_models.pairs import balance, load_pairs, source_family, split_by_user
 from rlhf.config import Config, save_resolved
-from rlhf.models import gpu_peak_gb
+from rlhf.models import gpu_peak_gb, load_reward_model
 from rlhf.runs import RunDir
 
 
@@ -54,27 +54,19 @@ def pairwise_accuracy(model, tokenizer, examples: list[dict]) -> dict:
     }
 
 
-def load_reward_model(path: str | Path, dtype: str = "float32"):
-    from transformers import AutoModelForSequenceClassification
-
-    from rlhf.models import torch_dtype
-
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
-    return model
-
-
 def run_reward(cfg: Config, run_dir: Path) -> dict:
     import torch
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer
 
-    from rlhf.models import gather_trained, load_tokenizer, lora_config, resolve_model, truncate_layers
-    from rlhf.sft import trainer_precision
+    from rlhf.models import gather_trained, load_tokenizer, lora_config, resolve_model, torch_dtype, truncate_layers
+    from rlhf.precision import base_dtype, resolve, trainable_in_fp32, trainer_precision
 
     run = RunDir(run_dir)
     run.require("data", run.data / "pairs")
     rc, mc = cfg.reward, cfg.model
+    dtype = resolve(mc, "reward")
     rows, report = load_pairs(run_dir, rc.sources)
     if not rows:
         raise ValueError(
@@ -104,12 +96,12 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     if not train_ex:
         raise ValueError(f"every training pair is longer than reward.max_length={rc.max_length}; raise it")
 
-    def load_truncated(path: str):
-        model = truncate_layers(load_reward_model(path, mc.dtype), rc.layers)
+    def load_truncated(path: str, dtype: str = "float32"):
+        model = truncate_layers(load_reward_model(path, dtype), rc.layers)
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
 
-    model = load_truncated(base_path)
+    model = load_truncated(base_path, base_dtype(mc))
     args = TRLRewardConfig(
         output_dir=str(out / "trainer"),
         max_steps=rc.max_steps,
@@ -139,15 +131,18 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         train_dataset=Dataset.from_list([{c: e[c] for c in columns} for e in train_ex]),
         peft_config=lora_config(mc, task_type="SEQ_CLS") if mc.use_lora else None,
     )
+    trainable_in_fp32(trainer.model)  # the new score head too
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
     with open(out / "log.jsonl", "w") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
+    # merged and saved in float32; accuracy is measured in the compute dtype PPO and eval will score in
     trained = gather_trained(trainer, load_truncated, base_path, out / "adapter", out / "model", mc.use_lora)
     if trained is None:  # not the main process
         return {}
+    trained = trained.to(torch_dtype(dtype))
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)
     train_acc = pairwise_accuracy(trained, tokenizer, train_ex[: rc.accuracy_on_train])
@@ -167,6 +162,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         "val_mean_margin": acc.get("mean_margin"),
         "train_accuracy_sample": train_acc["overall"],
         "gpu_peak_gb": gpu_peak_gb(),
+        "dtype": dtype,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     per = ", ".join(f"{s}={v['accuracy']:.3f} (n={v['n']})" for s, v in acc["by_source"].items())

@@ -13,6 +13,8 @@ import re
 import torch
 from transformers import LogitsProcessor
 
+from rlhf.generation import newline_token_ids
+
 _MARKER = re.compile(r"^\s*\d{1,2}\.$")
 
 
@@ -49,9 +51,7 @@ class CatalogTitleProcessor(LogitsProcessor):
                 if ids
             }
         )
-        self._newline_ids = (
-            {i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])} if len(tokenizer) < 300_000 else set()
-        )
+        self._newline_ids = newline_token_ids(tokenizer)
 
     def _allowed(self, generated: list[int]) -> list[int] | None:
         start = 0

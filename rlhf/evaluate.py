@@ -3,13 +3,16 @@
     rlhf eval --run runs/demo [--stages base,sft,ppo] [--split test] [--max-users 100] [--k 5]
 
 Writes RUN_DIR/eval/metrics.json, listings.jsonl (every generated listing), report.md, report.html and
-plots/*.png. Generation is batched and greedy unless eval.do_sample (seeded).
+plots/*.png. Generation is batched, greedy unless eval.do_sample (seeded), from each stage's model with its adapters
+merged, in the resolved compute dtype. Every later stage is compared with SFT and with each baseline on the same users
+(mean difference and its paired standard error), and the reward's terms are correlated with true utility.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,12 +20,13 @@ import numpy as np
 
 from rlhf import metrics as M
 from rlhf.config import Config, save_resolved
+from rlhf.models import load_stage
 from rlhf.runs import RunDir
 
 SIM_NOTE = "simulator metrics (true_utility, sim_ctr) need the built-in simulator; this run's data has none"
 
 
-class Context:
+class HeldOutUsers:
     """Everything about the held-out users that metric functions need."""
 
     def __init__(self, run: RunDir, split: str, max_users: int):
@@ -64,7 +68,7 @@ class Context:
 
 
 def list_metrics(
-    ctx: Context,
+    users: HeldOutUsers,
     lists: list[list],
     k: int,
     explanations: list[list[str]] | None = None,
@@ -72,256 +76,208 @@ def list_metrics(
     rows: list[dict] | None = None,
     per_user: dict | None = None,
 ) -> dict:
-    """Accuracy, health, beyond-accuracy and simulator metrics for one list per held-out row
-    (``rows`` defaults to all of the context's rows). ``per_user``, when given, receives each row's
-    true utility under "true_utility" (for paired comparisons of stages)."""
-    from reward_models.rules import explanation_tied, rating_claims, shown_pairs
-
-    acc = {
-        f"hr@{k}": [],
-        f"ndcg@{k}": [],
-        f"recall@{k}": [],
-        "hr@1": [],
-        "valid": [],
-        "grounded": [],
-        "dup": [],
-        "hist": [],
-        "outc": [],
-        "nov": [],
-        "div": [],
-        "popb": [],
-        "util": [],
-        "ctr": [],
-        "faith": [],
-        "elen": [],
-        "claims": [],
-    }
+    """Accuracy, health, beyond-accuracy and simulator metrics for one list per held-out row (``rows`` defaults to
+    all of the users' rows). ``per_user``, when given, receives each row's true utility (with the simulator) and
+    ndcg@K under those names, for paired comparisons."""
+    acc: dict[str, list] = {name: [] for name in (f"hr@{k}", f"ndcg@{k}", f"recall@{k}", "hr@1")}
     if k < 10:
         acc.update({"hr@10": [], "ndcg@10": []})
     recommended = set()
-    for j, (row, items) in enumerate(zip(rows if rows is not None else ctx.rows, lists)):
-        rel = set(row["heldout_ids"])
+    for j, (row, items) in enumerate(zip(rows if rows is not None else users.rows, lists)):
         n = counts[j] if counts is not None else len(items)
-        acc[f"hr@{k}"].append(M.hit_rate(items, rel, k))
-        acc[f"ndcg@{k}"].append(M.ndcg(items, rel, k))
-        acc[f"recall@{k}"].append(M.recall(items, rel, k))
-        acc["hr@1"].append(M.hit_rate(items, rel, 1))
-        if "hr@10" in acc and n >= 10:
-            acc["hr@10"].append(M.hit_rate(items, rel, 10))
-            acc["ndcg@10"].append(M.ndcg(items, rel, 10))
-        acc["valid"].append(float(n == k))
-        if items:
-            acc["grounded"].append(sum(i is not None for i in items) / len(items))
-            acc["dup"].append(M.duplicate_rate(items))
-            acc["hist"].append(M.share(items, set(row["history_ids"])))
-            if row.get("candidate_ids"):
-                acc["outc"].append(1.0 - M.share(items, set(row["candidate_ids"])))
-        real = [i for i in items if i is not None]
-        recommended.update(real)
-        if real:
-            acc["nov"].append(M.novelty(real, ctx.popularity, ctx.n_users))
-            acc["div"].append(M.intra_list_diversity(real, ctx.features))
-            acc["popb"].append(float(np.mean([ctx.pop_percentile(i) for i in real])))
-        if ctx.sim is not None:
-            user = ctx.sim.user(row["user_id"])
-            seen = set(row["history_ids"])
-            acc["util"].append(ctx.sim.list_utility(user, items, seen, k))
-            acc["ctr"].append(ctx.sim.expected_clicks(user, items, seen, k))
+        _accuracy(acc, items, set(row["heldout_ids"]), k, n)
+        _health(acc, users, row, items, n, k)
+        recommended.update(i for i in items if i is not None)
         if explanations is not None and j < len(explanations):
-            ex = explanations[j]
-            acc["faith"].extend(float(explanation_tied(e, row["history_ids"], ctx.catalog)) for e in ex)
-            acc["elen"].extend(len(e.split()) for e in ex)
-            shown = shown_pairs(row)  # None: the data has no shown ratings to check claims against
-            if shown is not None:
-                acc["claims"].extend(float(c) for e in ex for c in rating_claims(e, shown, ctx.catalog))
+            _explanations(acc, users, row, explanations[j])
     out = {name: M.mean(acc[name]) for name in acc if "@" in name}
+    get = lambda name: M.mean(acc.get(name, []))  # noqa: E731
     out.update(
         {
-            "valid_rate": M.mean(acc["valid"]),
-            "grounded_rate": M.mean(acc["grounded"]) or 0.0,
-            "duplicate_rate": M.mean(acc["dup"]) or 0.0,
-            "history_repeat_rate": M.mean(acc["hist"]) or 0.0,
-            "out_of_candidates_rate": M.mean(acc["outc"]) if ctx.meta["mode"] == "rerank" else None,
-            "coverage": len(recommended) / len(ctx.catalog),
-            "novelty": M.mean(acc["nov"]),
-            "diversity": M.mean(acc["div"]),
-            "popularity_bias": M.mean(acc["popb"]),
-            "true_utility": M.mean(acc["util"]),
-            "sim_ctr": M.mean(acc["ctr"]),
+            "valid_rate": get("valid"),
+            "grounded_rate": get("grounded") or 0.0,
+            "duplicate_rate": get("dup") or 0.0,
+            "history_repeat_rate": get("history_repeat") or 0.0,
+            "out_of_candidates_rate": get("out_of_candidates") if users.meta["mode"] == "rerank" else None,
+            "coverage": len(recommended) / len(users.catalog),
+            "distinct_items": len(recommended),
+            "novelty": get("novelty"),
+            "diversity": get("diversity"),
+            "popularity_bias": get("popularity_bias"),
+            "true_utility": get("true_utility"),
+            "sim_ctr": get("sim_ctr"),
             "n": len(lists),
         }
     )
-    if per_user is not None and acc["util"]:
-        per_user["true_utility"] = acc["util"]
+    if per_user is not None:
+        if acc.get("true_utility"):
+            per_user["true_utility"] = acc["true_utility"]
+        per_user[f"ndcg@{k}"] = acc[f"ndcg@{k}"]
     if explanations is not None:
-        out["faithfulness"] = M.mean(acc["faith"])
-        out["explanation_words"] = M.mean(acc["elen"])
+        out["faithfulness"] = get("faithfulness")
+        out["explanation_words"] = get("explanation_words")
         # "which you rated N/5" claims that match the rating shown in the prompt (None: no claims)
-        out["rating_claims_correct"] = M.mean(acc["claims"])
+        out["rating_claims_correct"] = get("rating_claims")
     return out
 
 
-def baseline_lists(ctx: Context, k: int) -> dict[str, list[list]]:
+def _accuracy(acc: dict, items: list, relevant: set, k: int, n: int) -> None:
+    acc[f"hr@{k}"].append(M.hit_rate(items, relevant, k))
+    acc[f"ndcg@{k}"].append(M.ndcg(items, relevant, k))
+    acc[f"recall@{k}"].append(M.recall(items, relevant, k))
+    acc["hr@1"].append(M.hit_rate(items, relevant, 1))
+    if "hr@10" in acc and n >= 10:
+        acc["hr@10"].append(M.hit_rate(items, relevant, 10))
+        acc["ndcg@10"].append(M.ndcg(items, relevant, 10))
+
+
+def _health(acc: dict, users: HeldOutUsers, row: dict, items: list, n: int, k: int) -> None:
+    """Validity, grounding, repeats, beyond-accuracy and (with the simulator) true utility of one list."""
+    add = lambda name, value: acc.setdefault(name, []).append(value)  # noqa: E731
+    add("valid", float(n == k))
+    if items:
+        add("grounded", sum(i is not None for i in items) / len(items))
+        add("dup", M.duplicate_rate(items))
+        add("history_repeat", M.share(items, set(row["history_ids"])))
+        if row.get("candidate_ids"):
+            add("out_of_candidates", 1.0 - M.share(items, set(row["candidate_ids"])))
+    real = [i for i in items if i is not None]
+    if real:
+        add("novelty", M.novelty(real, users.popularity, users.n_users))
+        add("diversity", M.intra_list_diversity(real, users.features))
+        add("popularity_bias", float(np.mean([users.pop_percentile(i) for i in real])))
+    if users.sim is not None:
+        user, seen = users.sim.user(row["user_id"]), set(row["history_ids"])
+        add("true_utility", users.sim.list_utility(user, items, seen, k))
+        add("sim_ctr", users.sim.expected_clicks(user, items, seen, k))
+
+
+def _explanations(acc: dict, users: HeldOutUsers, row: dict, explanations: list[str]) -> None:
+    from reward_models.terms.rules import explanation_tied, rating_claims, shown_pairs
+
+    for name in ("faithfulness", "explanation_words", "rating_claims"):
+        acc.setdefault(name, [])
+    acc["faithfulness"].extend(float(explanation_tied(e, row["history_ids"], users.catalog)) for e in explanations)
+    acc["explanation_words"].extend(len(e.split()) for e in explanations)
+    shown = shown_pairs(row)  # None: the data has no shown ratings to check claims against
+    if shown is not None:
+        acc["rating_claims"].extend(float(c) for e in explanations for c in rating_claims(e, shown, users.catalog))
+
+
+def baseline_lists(users: HeldOutUsers, k: int) -> dict[str, list[list]]:
     from rlhf import baselines
 
-    item_ids = [it.item_id for it in ctx.catalog.items]
+    item_ids = [it.item_id for it in users.catalog.items]
     out = {}
-    rerank = ctx.meta["mode"] == "rerank"
+    rerank = users.meta["mode"] == "rerank"
     for name in ("popularity", "itemknn", "ease"):
         if name == "ease" and len(item_ids) > baselines.MAX_EASE_ITEMS:
             continue
-        model = baselines.make(name, item_ids, ctx.fit_pairs())
+        model = baselines.make(name, item_ids, users.fit_pairs())
         out[name] = [
-            model.recommend(r["history_ids"], k, candidates=r["candidate_ids"] if rerank else None) for r in ctx.rows
+            model.recommend(r["history_ids"], k, candidates=r["candidate_ids"] if rerank else None) for r in users.rows
         ]
     if rerank:
-        retr = baselines.make(ctx.meta["retriever"], item_ids, ctx.fit_pairs())
-        out["retriever_order"] = [retr.recommend(r["history_ids"], k, candidates=r["candidate_ids"]) for r in ctx.rows]
+        retr = baselines.make(users.meta["retriever"], item_ids, users.fit_pairs())
+        out["retriever_order"] = [
+            retr.recommend(r["history_ids"], k, candidates=r["candidate_ids"]) for r in users.rows
+        ]
         rng = np.random.default_rng(0)
-        out["random_order"] = [list(rng.permutation(r["candidate_ids"]))[:k] for r in ctx.rows]
+        out["random_order"] = [list(rng.permutation(r["candidate_ids"]))[:k] for r in users.rows]
     return out
 
 
-def load_stage_model(run_dir: Path, stage: str, model_cfg):
-    """(model, tokenizer) for base, sft or ppo; None when the stage has not been trained."""
-    from rlhf.models import load_causal_lm, load_tokenizer, on_device, resolve_model
+def response_kl(model, reference, tokenizer, prompts, texts, batch_size: int = 16) -> float | None:
+    """Mean over responses of the summed log-ratio log pi(y|x) - log pi_ref(y|x), on the policy's own responses."""
+    from reward_models.encoding import pad_left, prompt_ids, response_ids
 
-    if stage == "base":
-        path = resolve_model(model_cfg.name)
-        return on_device(load_causal_lm(path, model_cfg.dtype)), load_tokenizer(path)
-    merged = run_dir / "sft" / "merged"
-    if not merged.exists():
-        return None
-    model = load_causal_lm(str(merged), model_cfg.dtype)
-    if stage == "ppo":
-        adapter = run_dir / "ppo" / "adapter"
-        if not adapter.exists():
-            return None
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    return on_device(model), load_tokenizer(str(merged))
+    vals = []
+    for s in range(0, len(texts), batch_size):
+        seqs, spans = [], []
+        for p, t in zip(prompts[s : s + batch_size], texts[s : s + batch_size]):
+            q, r = prompt_ids(tokenizer, p), response_ids(tokenizer, t)
+            seqs.append(q + r)
+            spans.append(len(r))
+        ids, mask = pad_left(seqs, tokenizer.pad_token_id)
+        lp = _token_logprobs(model, ids, mask)
+        lr = _token_logprobs(reference, ids, mask)
+        vals += [float((lp[row, -n:] - lr[row, -n:]).sum()) for row, n in enumerate(spans)]
+    return float(np.mean(vals)) if vals else None
 
 
-def response_kl(model, tokenizer, prompts, texts) -> float | None:
-    """Mean summed log-ratio log pi(y|x) - log pi_ref(y|x) of the policy's own responses (adapter on vs off)."""
+def _token_logprobs(model, ids, mask):
+    """log p(token_t | tokens_<t) for t >= 1 of left-padded rows, in float32: [batch, width - 1]."""
     import torch
 
-    from reward_models.encoding import prompt_ids, response_ids
-
-    if not hasattr(model, "disable_adapter"):
-        return None
-    vals = []
-    model.eval()
-    for p, t in zip(prompts, texts):
-        q, r = prompt_ids(tokenizer, p), response_ids(tokenizer, t)
-        ids = torch.tensor([q + r], device=model.device)
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1 : -1].float(), -1)
-            with model.disable_adapter():
-                lr = torch.log_softmax(model(input_ids=ids).logits[0, len(q) - 1 : -1].float(), -1)
-        tok = torch.tensor(r, device=lp.device)
-        vals.append(float((lp[range(len(r)), tok] - lr[range(len(r)), tok]).sum()))
-    return float(np.mean(vals)) if vals else None
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).cpu()
 
 
 def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     import torch
 
-    from reward_models.composite import PromptContext
-    from rlhf.generation import generate
-    from rlhf.listing import parse_and_ground
+    from reward_models.composite import for_run
+    from rlhf.precision import resolve
     from rlhf.report import write_report
 
-    run = RunDir(run_dir)
-    ec = cfg.eval
-    ctx = Context(run, ec.split, ec.max_users)
-    k = k or ctx.meta["k"]
+    run, ec = RunDir(run_dir), cfg.eval
+    users = HeldOutUsers(run, ec.split, ec.max_users)
+    k = k or users.meta["k"]
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     save_resolved(cfg, run_dir, ["eval"])
     torch.manual_seed(cfg.run.seed)
-    composite = load_composite(run_dir, ctx, cfg)
-    cold = [j for j, r in enumerate(ctx.rows) if r["cold_start"]]
-    results, notes, examples = (
-        {
-            "k": k,
-            "mode": ctx.meta["mode"],
-            "split": ec.split,
-            "users": len(ctx.rows),
-            "stages": {},
-            "baselines": {},
-            "cold_start": {"users": len(cold), "stages": {}, "baselines": {}},
-        },
-        [],
-        {},
-    )
-    if ctx.sim is None:
-        notes.append(SIM_NOTE)
-    prompts = [r["prompt"] for r in ctx.rows]
+    dtype = resolve(cfg.model, "eval")
+    composite = for_run(run, cfg.ppo.reward_weights, dtype) if run.done("reward") else None
+    cold = [j for j, r in enumerate(users.rows) if r["cold_start"]]
+    results = {
+        "k": k,
+        "mode": users.meta["mode"],
+        "split": ec.split,
+        "users": len(users.rows),
+        "dtype": dtype,
+        "stages": {},
+        "baselines": {},
+        "cold_start": {"users": len(cold), "stages": {}, "baselines": {}},
+    }
+    notes = [] if users.sim is not None else [SIM_NOTE]
     per_user: dict[str, dict[str, list]] = {}
-    learned: dict[str, list] = {}  # the learned part of each stage's per-user composite reward
+    scored: dict = {}  # each LLM stage's composite reward, every term per user
+    examples, reference = {}, None
     with open(out / "listings.jsonl", "w") as listing_file:
         for stage in ec.stages:
-            loaded = load_stage_model(run_dir, stage, cfg.model)
+            loaded = load_stage(run_dir, stage, cfg.model, dtype)
             if loaded is None:
                 notes.append(f"stage {stage}: not trained in this run, skipped (run `rlhf {stage} --run {run_dir}`)")
                 continue
             model, tokenizer = loaded
-            texts = generate(
-                model,
-                tokenizer,
-                prompts,
-                max_new_tokens=ec.max_new_tokens,
-                batch_size=ec.batch_size,
-                do_sample=ec.do_sample,
-                seed=cfg.run.seed,
-                progress=f"eval {stage}",
+            texts = _eval_stage(users, stage, model, tokenizer, k, cfg, results, per_user, scored, composite, cold)
+            if stage == "sft":
+                reference = model
+            elif stage == "ppo":
+                if reference is None:
+                    reference = load_stage(run_dir, "sft", cfg.model, dtype)[0]
+                prompts = [r["prompt"] for r in users.rows]
+                results["stages"][stage]["kl_to_sft"] = response_kl(model, reference, tokenizer, prompts, texts)
+            listing_file.writelines(
+                json.dumps({"stage": stage, "user_id": r["user_id"], "text": t}) + "\n"
+                for r, t in zip(users.rows, texts)
             )
-            parsed = [parse_and_ground(t, ctx.catalog) for t in texts]
-            lists = [[e.item_id for e in p][:k] for p in parsed]
-            counts = [len(p) for p in parsed]
-            expl = [[e.explanation for e in p] for p in parsed]
-            per_user[stage] = {}
-            m = list_metrics(ctx, lists, k, expl, counts, per_user=per_user[stage])
-            if composite is not None:
-                scored = composite.score_texts(prompts, texts, [PromptContext.from_row(r) for r in ctx.rows])
-                for name in scored[0]:
-                    m[f"reward/{name}"] = M.mean([s[name] for s in scored])
-                per_user[stage]["reward"] = [s["reward"] for s in scored]
-                learned[stage] = [s["learned"] for s in scored]
-            m["kl_to_sft"] = (
-                response_kl(model, tokenizer, prompts, texts) if stage == "ppo" else (0.0 if stage == "sft" else None)
-            )
-            results["stages"][stage] = m
-            if cold:
-                results["cold_start"]["stages"][stage] = _subset(ctx, cold, lists, k, expl, counts)
-            for r, t in zip(ctx.rows, texts):
-                listing_file.write(json.dumps({"stage": stage, "user_id": r["user_id"], "text": t}) + "\n")
             examples[stage] = texts[: ec.num_examples]
-            del model
-    # each later stage against SFT on the same users: mean difference and its paired standard error
-    results["vs_sft"] = {
-        stage: {
-            metric: M.paired_difference(values, per_user["sft"][metric])
-            for metric, values in per_user[stage].items()
-            if metric in per_user["sft"]
-        }
-        for stage in per_user
-        if stage not in ("sft", "base") and "sft" in per_user
-    }
-    if composite is not None:
-        truth = _reward_vs_truth(per_user, learned, composite.rm_weight)
-        if truth:
-            results["reward_vs_truth"] = truth
-    for name, lists in baseline_lists(ctx, k).items():
-        results["baselines"][name] = list_metrics(ctx, lists, k)
+    for name, lists in baseline_lists(users, k).items():
+        per_user[name] = {}
+        results["baselines"][name] = list_metrics(users, lists, k, per_user=per_user[name])
         if cold:
-            results["cold_start"]["baselines"][name] = _subset(ctx, cold, lists, k)
+            results["cold_start"]["baselines"][name] = _subset(users, cold, lists, k)
+    _comparisons(results, per_user, ec.stages, list(results["baselines"]))
+    if composite is not None and (truth := _reward_vs_truth(per_user, scored, composite)):
+        results["reward_vs_truth"] = truth
     results["notes"] = notes
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    write_report(run_dir, results, ctx, examples)
-    print(f"eval: {len(ctx.rows)} {ec.split} users, K={k}; wrote {out / 'metrics.json'} and {out / 'report.html'}")
+    write_report(run_dir, results, users, examples)
+    print(f"eval: {len(users.rows)} {ec.split} users, K={k}; wrote {out / 'metrics.json'} and {out / 'report.html'}")
     for line in M.describe_eval(results):
         print(f"eval: {line}")
     for note in notes:
@@ -329,51 +285,96 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     return results
 
 
-def _reward_vs_truth(per_user: dict, learned: dict, rm_weight: float) -> dict | None:
-    """Correlation with true utility of the composite reward, its learned part and its rule part, over every
-    LLM listing that has both (None without the simulator).
+def _eval_stage(users, stage, model, tokenizer, k, cfg, results, per_user, scored, composite, cold) -> list[str]:
+    """Generate one stage's listings for every user and fill its metrics, per-user values and reward terms."""
+    from reward_models.terms import PromptContext
+    from rlhf.generation import generate
+    from rlhf.listing import parse_and_ground
 
-    Does the reward PPO optimises track what it stands for? On the policies' own listings a learned score
-    that ranks held-out preference pairs well can still be unrelated to the simulator's utility.
-    """
-    reward, score, util = [], [], []
-    for stage, values in per_user.items():
-        if "true_utility" in values and stage in learned:
-            reward += values["reward"]
-            score += learned[stage]
-            util += values["true_utility"]
-    if not util:
-        return None
-    rules = [r - rm_weight * s for r, s in zip(reward, score)]
-    return {
-        "reward": M.pearson(reward, util),
-        "learned": M.pearson(score, util),
-        "rules": M.pearson(rules, util),
-        "n": len(util),
+    ec = cfg.eval
+    prompts = [r["prompt"] for r in users.rows]
+    t0 = time.time()
+    texts = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=ec.max_new_tokens,
+        batch_size=ec.batch_size,
+        do_sample=ec.do_sample,
+        seed=cfg.run.seed,
+        progress=f"eval {stage}",
+        k=k,
+    )
+    seconds = time.time() - t0
+    parsed = [parse_and_ground(t, users.catalog) for t in texts]
+    lists, counts = [[e.item_id for e in p][:k] for p in parsed], [len(p) for p in parsed]
+    expl = [[e.explanation for e in p] for p in parsed]
+    per_user[stage] = {}
+    m = list_metrics(users, lists, k, expl, counts, per_user=per_user[stage])
+    if composite is not None:
+        result = composite.score(prompts, texts, [PromptContext.from_row(r) for r in users.rows])
+        m.update({f"reward/{name}": value for name, value in result.means().items()})
+        per_user[stage]["reward"] = result.total
+        scored[stage] = result
+    m["kl_to_sft"] = 0.0 if stage == "sft" else None
+    m["generation_s"], m["listings_per_s"] = round(seconds, 2), round(len(texts) / max(seconds, 1e-9), 3)
+    results["stages"][stage] = m
+    if cold:
+        results["cold_start"]["stages"][stage] = _subset(users, cold, lists, k, expl, counts)
+    return texts
+
+
+def _comparisons(results: dict, per_user: dict, stages: list, baselines: list) -> None:
+    """Paired differences on the same users: each later stage against SFT (true utility, ndcg@K, composite
+    reward) and each LLM stage against each baseline (true utility, ndcg@K)."""
+
+    def paired(a: str, b: str, metrics) -> dict:
+        return {
+            m: M.paired_difference(per_user[a][m], per_user[b][m])
+            for m in metrics
+            if m in per_user[a] and m in per_user[b]
+        }
+
+    llm = [s for s in stages if s in per_user]
+    shared = lambda a, b: [m for m in per_user[a] if m in per_user[b]]  # noqa: E731
+    results["vs_sft"] = {
+        s: paired(s, "sft", shared(s, "sft")) for s in llm if s not in ("sft", "base") and "sft" in per_user
+    }
+    results["vs_baselines"] = {
+        s: {b: paired(s, b, [m for m in shared(s, b) if m != "reward"]) for b in baselines} for s in llm
     }
 
 
-def _subset(ctx, idx, lists, k, expl=None, counts=None):
+def _reward_vs_truth(per_user: dict, scored: dict, composite) -> dict | None:
+    """Pearson correlation with true utility, over every LLM listing that has both, of the composite reward, its
+    learned part, its rule part and each term (None without the simulator).
+
+    Does the reward PPO optimises track what it stands for? On the policies' own listings a learned score that
+    ranks held-out preference pairs well can still be unrelated to the simulator's utility.
+    """
+    util, total, rules, terms = [], [], [], {}
+    for stage, result in scored.items():
+        if "true_utility" not in per_user[stage]:
+            continue
+        util += per_user[stage]["true_utility"]
+        total += result.total
+        rules += composite.rule_part(result)
+        for name, values in result.terms.items():
+            terms.setdefault(name, []).extend(values)
+    if not util:
+        return None
+    out = {"reward": M.pearson(total, util), "rules": M.pearson(rules, util), "n": len(util)}
+    out["learned"] = M.pearson(terms["learned"], util) if "learned" in terms else None
+    out["terms"] = {name: M.pearson(values, util) for name, values in terms.items()}
+    return out
+
+
+def _subset(users, idx, lists, k, expl=None, counts=None):
     return list_metrics(
-        ctx,
+        users,
         [lists[j] for j in idx],
         k,
         [expl[j] for j in idx] if expl else None,
         [counts[j] for j in idx] if counts else None,
-        rows=[ctx.rows[j] for j in idx],
+        rows=[users.rows[j] for j in idx],
     )
-
-
-def load_composite(run_dir: Path, ctx: Context, cfg: Config):
-    """The run's composite reward (learned score + rule terms, the recipe's weights), or None without a reward model."""
-    rm = run_dir / "reward" / "model"
-    if not rm.exists():
-        return None
-    from reward_models.composite import CompositeReward
-    from reward_models.train import load_reward_model
-    from rlhf.models import load_tokenizer, on_device
-
-    tokenizer = load_tokenizer(str(rm))
-    model = on_device(load_reward_model(rm, cfg.model.dtype))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return CompositeReward(model, tokenizer, ctx.catalog, ctx.meta["k"], cfg.ppo.rules, cfg.ppo.reward_model_weight)

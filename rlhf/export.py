@@ -48,7 +48,7 @@ def _write_model(cfg, run_dir: Path, stage: str, merge: bool, tmp: Path) -> dict
 
     paths = _stage_paths(run_dir, stage)
     if merge:
-        model = load_causal_lm(str(paths["merged"]), cfg.model.dtype)
+        model = load_causal_lm(str(paths["merged"]), "float32")
         if stage == "ppo":
             model = PeftModel.from_pretrained(model, str(paths["ppo_adapter"])).merge_and_unload()
         model.save_pretrained(tmp)
@@ -72,7 +72,7 @@ def _write_model(cfg, run_dir: Path, stage: str, merge: bool, tmp: Path) -> dict
             "load": 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(EXPORT + "/base"), EXPORT)',
         }
     base_path = resolve_model(cfg.model.name)
-    base = load_causal_lm(base_path, cfg.model.dtype)
+    base = load_causal_lm(base_path, "float32")
     if stage == "sft":
         model = PeftModel.from_pretrained(base, str(paths["sft_adapter"]))
         rank = model.peft_config["default"].r

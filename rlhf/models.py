@@ -194,6 +194,34 @@ def load_causal_lm(path: str, dtype: str = "float32", load_in_4bit: bool = False
     return model
 
 
+def load_reward_model(path, dtype: str = "float32"):
+    """A trained reward model (or a causal LM to start one from) as a one-label sequence classifier."""
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch_dtype(dtype))
+
+
+def load_stage(run_dir, stage: str, model_cfg, dtype: str):
+    """(model, tokenizer) of a stage for inference: the base model, SFT's merged model, or SFT's with PPO's adapter
+    merged in (merged in float32, then cast to ``dtype``: an unmerged adapter would cost every forward); None when
+    the stage has not been trained in ``run_dir``."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    if stage == "base":
+        path = resolve_model(model_cfg.name)
+        return on_device(load_causal_lm(path, dtype)), load_tokenizer(path)
+    merged, adapter = run_dir / "sft" / "merged", run_dir / "ppo" / "adapter"
+    if not merged.exists() or (stage == "ppo" and not adapter.exists()):
+        return None
+    if stage != "ppo":
+        return on_device(load_causal_lm(str(merged), dtype)), load_tokenizer(str(merged))
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(load_causal_lm(str(merged), "float32"), str(adapter)).merge_and_unload()
+    return on_device(model.to(torch_dtype(dtype))), load_tokenizer(str(merged))
+
+
 def on_device(model):
     """Put a model used for inference (eval, recommend, labeling) on this process's GPU when there is one;
     a quantized model already sits where its device_map put it."""

@@ -56,14 +56,15 @@ def recommend(
     from transformers import LogitsProcessorList
 
     from rlhf.constrained import CatalogTitleProcessor, TitleTrie
-    from rlhf.evaluate import load_stage_model
     from rlhf.generation import encode_prompts, generate
     from rlhf.listing import parse_and_ground
+    from rlhf.models import load_stage
+    from rlhf.precision import resolve
     from rlhf.prompts import PromptBuilder
 
     run = RunDir(run_dir)
     meta, catalog = run.meta(), run.catalog()
-    loaded = loaded or load_stage_model(run_dir, stage, model_cfg)
+    loaded = loaded or load_stage(run_dir, stage, model_cfg, resolve(model_cfg, "recommend"))
     if loaded is None:
         raise RecommendError(
             f"stage {stage} is not trained in {run_dir}; run `rlhf {stage} --run {run_dir}` or pick another --stage"
@@ -78,7 +79,7 @@ def recommend(
         extra["logits_processor"] = LogitsProcessorList(
             [CatalogTitleProcessor(TitleTrie.from_catalog(catalog, tokenizer), tokenizer, plen)]
         )
-    text = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, **extra)[0]
+    text = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, k=k, **extra)[0]
     items = [
         {
             "rank": e.rank,

@@ -17,18 +17,6 @@ from rlhf.config import Config, save_resolved
 from rlhf.runs import RunDir
 
 
-def trainer_precision(model_cfg) -> dict:
-    """TRL configs default to bf16, which stops on CPU; say what the hardware supports."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    return {
-        "bf16": cuda and model_cfg.dtype == "bfloat16",
-        "fp16": cuda and model_cfg.dtype == "float16",
-        "use_cpu": not cuda,
-    }
-
-
 def listing_stats(texts: list[str], catalog, k: int) -> dict:
     from rlhf.listing import parse_and_ground
 
@@ -54,7 +42,16 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.models import gather_trained, gpu_peak_gb, load_causal_lm, load_tokenizer, lora_config, resolve_model
+    from rlhf.models import (
+        gather_trained,
+        gpu_peak_gb,
+        load_causal_lm,
+        load_tokenizer,
+        lora_config,
+        resolve_model,
+        torch_dtype,
+    )
+    from rlhf.precision import base_dtype, resolve, trainable_in_fp32, trainer_precision
 
     run = RunDir(run_dir)
     rows = run.rows("sft/train.parquet")
@@ -68,9 +65,10 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     torch.manual_seed(cfg.run.seed)
 
     sc, mc = cfg.sft, cfg.model
+    dtype = resolve(mc, "sft")
     base_path = resolve_model(mc.name)
     tokenizer = load_tokenizer(base_path)
-    model = load_causal_lm(base_path, mc.dtype, mc.load_in_4bit)
+    model = load_causal_lm(base_path, base_dtype(mc), mc.load_in_4bit)
     if sc.max_train_examples:
         rows = rows[: sc.max_train_examples]
     dataset = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
@@ -106,6 +104,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         processing_class=tokenizer,
         peft_config=lora_config(mc) if mc.use_lora else None,
     )
+    trainable_in_fp32(trainer.model)
     t0 = time.time()
     result = trainer.train()
     seconds = time.time() - t0
@@ -114,11 +113,14 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         for entry in logs:
             f.write(json.dumps(entry) + "\n")
 
+    # the merge runs in float32 and sft/merged is saved in float32, whatever the compute dtype: each later
+    # stage loads it in its own
     merged = gather_trained(
-        trainer, lambda p: load_causal_lm(p, mc.dtype), base_path, out / "adapter", out / "merged", mc.use_lora
+        trainer, lambda p: load_causal_lm(p, "float32"), base_path, out / "adapter", out / "merged", mc.use_lora
     )
     if merged is None:  # not the main process
         return {}
+    merged = merged.to(torch_dtype(dtype))
 
     after_texts, after = _samples(merged, tokenizer, sample_rows, catalog, meta["k"], gen_tokens)
     with open(out / "samples.jsonl", "w") as f:
@@ -139,6 +141,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         "samples_after": after,
         "examples": len(rows),
         "gpu_peak_gb": gpu_peak_gb(),
+        "dtype": dtype,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(

@@ -156,3 +156,23 @@ class Simulator:
         ub = self.list_utility(user, list_b, seen, k)
         p_a = _sigmoid((ua - ub) * 10.0 / max(noise, 1e-6))
         return 0 if rng.random() < p_a else 1
+
+
+def listing_truth(catalog: Catalog, meta: dict):
+    """``truth(contexts, completions) -> list[float]``: the simulator's utility of each completion's listing, logged
+    beside the reward and never rewarded; None when the run's data did not come from the simulator."""
+    if meta.get("simulator_seed") is None:
+        return None
+    from functools import partial
+
+    return partial(_listing_truth, Simulator(catalog, seed=meta["simulator_seed"]), meta["k"])
+
+
+def _listing_truth(sim: Simulator, k: int, contexts: list, completions: list[str]) -> list[float]:
+    from rlhf.listing import parse_and_ground
+
+    out = []
+    for ctx, text in zip(contexts, completions):
+        items = [e.item_id for e in parse_and_ground(text, sim.catalog)]
+        out.append(sim.list_utility(sim.user(ctx.user_id), items, set(ctx.history_ids), k))
+    return out

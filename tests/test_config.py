@@ -10,12 +10,13 @@ def test_recipe_and_overrides_merge(tmp_path):
     assert cfg.model.name == "tiny"
     assert cfg.sft.max_steps == 7 and cfg.sft.learning_rate == 0.5
     assert cfg.data.k == 4
-    assert cfg.ppo.rules.in_catalog == 1.0
+    assert cfg.ppo.reward_weights["in_catalog"] == 1.0
 
 
 def test_nested_override_and_list_from_comma():
-    cfg = load_config(None, ["ppo.rules.explained=2", "reward.sources=ratings,clicks"])
-    assert cfg.ppo.rules.explained == 2.0
+    cfg = load_config(None, ["ppo.reward_weights.explained=2", "reward.sources=ratings,clicks"])
+    assert cfg.ppo.reward_weights["explained"] == 2.0
+    assert cfg.ppo.reward_weights["has_k"] == 1.0  # the other terms keep their defaults
     assert cfg.reward.sources == ["ratings", "clicks"]
 
 

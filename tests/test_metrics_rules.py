@@ -2,11 +2,20 @@ import math
 
 import pytest
 
-from reward_models.rules import explanation_tied, rating_claims, rule_terms, weighted_sum
+from reward_models.terms import DEFAULT_WEIGHTS, PromptContext, RewardEnv, rule_values
+from reward_models.terms.rules import explanation_tied, rating_claims
 from rlhf import metrics as M
 from rlhf.catalog import Catalog
-from rlhf.config import RuleWeights
 from rlhf.listing import parse_and_ground
+
+
+def rule_terms(entries, k, history, catalog, candidate_ids=None, shown=None) -> dict:
+    """Every rule term of one listing, as the composite computes them."""
+    return rule_values(entries, PromptContext(history, candidate_ids or [], "u1", shown), RewardEnv(catalog, k))
+
+
+def weighted_sum(terms: dict, weights: dict) -> float:
+    return sum(weights[name] * value for name, value in terms.items())
 
 
 def test_accuracy_metrics_by_hand():
@@ -97,7 +106,7 @@ def test_rule_terms_on_crafted_listings(catalog):
         catalog,
     )
     assert rule_terms(made_up, 3, history, catalog)["no_duplicates"] == pytest.approx(-1 / 3)  # repeats off-catalog too
-    w = RuleWeights()
+    w = DEFAULT_WEIGHTS
     assert (
         weighted_sum(rule_terms(good, 3, history, catalog), w) - weighted_sum(rule_terms(same, 3, history, catalog), w)
         >= 1.0
@@ -105,8 +114,8 @@ def test_rule_terms_on_crafted_listings(catalog):
     cands = _ids(catalog, "Aliens", "Predator")
     t = rule_terms(good, 3, history, catalog, candidate_ids=cands)
     assert t["in_candidates"] == pytest.approx(-1 / 3)
-    assert weighted_sum(rule_terms(good, 3, history, catalog), RuleWeights()) > weighted_sum(
-        rule_terms(bad, 3, history, catalog), RuleWeights()
+    assert weighted_sum(rule_terms(good, 3, history, catalog), DEFAULT_WEIGHTS) > weighted_sum(
+        rule_terms(bad, 3, history, catalog), DEFAULT_WEIGHTS
     )
 
 
@@ -140,4 +149,4 @@ def test_rating_claims_checked_against_the_shown_history(catalog):
     history = [heat, alien]
     assert rule_terms(entries, 3, history, catalog, shown=shown)["misquoted"] == pytest.approx(-1 / 3)
     assert rule_terms(entries, 3, history, catalog)["misquoted"] == 0.0  # nothing shown: not checked
-    assert RuleWeights().misquoted == 0.0  # off unless a recipe sets it
+    assert DEFAULT_WEIGHTS["misquoted"] == 0.0  # off unless a recipe sets it

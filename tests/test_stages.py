@@ -29,7 +29,7 @@ def test_sft_trains_and_artifacts_load(tiny_sft):
 
 
 def test_reward_model_trains_and_reports_accuracy_per_source(tiny_reward):
-    from reward_models.train import load_reward_model
+    from rlhf.models import load_reward_model
 
     metrics = json.loads((tiny_reward / "reward" / "metrics.json").read_text())
     assert metrics["steps"] == 4
@@ -49,8 +49,7 @@ def test_reward_model_is_the_adapter_merged_on_a_fresh_base(tiny_reward):
     from peft import PeftModel
 
     from reward_models.encoding import encode, score_sequences
-    from reward_models.train import load_reward_model
-    from rlhf.models import load_tokenizer
+    from rlhf.models import load_reward_model, load_tokenizer
 
     tok_path = tiny_reward / "reward" / "model"
     tok = load_tokenizer(str(tok_path))
@@ -71,8 +70,7 @@ def test_full_finetuning_without_lora_writes_whole_models(tiny_data, tmp_path):
     """model.use_lora=false: SFT and reward save the trained model itself (no adapter) and it loads."""
     from transformers import AutoModelForCausalLM
 
-    from reward_models.train import load_reward_model
-    from rlhf.models import resolve_model
+    from rlhf.models import load_reward_model, resolve_model
 
     run = tmp_path / "run"
     shutil.copytree(tiny_data / "data", run / "data")
@@ -103,38 +101,38 @@ def test_composite_reward_through_trl_get_reward(tiny_reward):
     """The composite answers TRL's get_reward exactly as it scores texts, and its rule terms move the score."""
     from trl.experimental.utils import get_reward
 
-    from reward_models.composite import CompositeReward, PromptContext
+    from reward_models.composite import for_run
     from reward_models.encoding import prompt_ids, response_ids
-    from reward_models.train import load_reward_model
-    from rlhf.config import RuleWeights
-    from rlhf.models import load_tokenizer
+    from reward_models.terms import PromptContext
+    from reward_models.trl_ppo import TRLRewardAdapter
     from rlhf.runs import RunDir
 
     run = RunDir(tiny_reward)
-    tok = load_tokenizer(str(tiny_reward / "reward" / "model"))
-    rm = load_reward_model(tiny_reward / "reward" / "model")
-    catalog = run.catalog()
-    comp = CompositeReward(rm, tok, catalog, 3, RuleWeights())
+    comp = for_run(run, {}, "float32")
+    tok = comp.env.reward_model.tokenizer
+    adapter = TRLRewardAdapter(comp, tok, comp.env.reward_model.model.config)
     row = run.rows("prompts/train.parquet")[0]
     good = "1. Heat (1995) — crime like Heat\n2. Fargo (1996) — crime\n3. Zodiac (2007) — crime"
     bad = "1. Nothing Real (2099) — hm\n2. Nothing Real (2099) — hm"
     ctx = PromptContext.from_row(row)
     q = prompt_ids(tok, row["prompt"])
-    comp.register(q, ctx)
+    adapter.register(q, row["prompt"], ctx)
     seqs = [q + response_ids(tok, good), q + response_ids(tok, bad)]
     width = max(map(len, seqs))
     # TRL's layout: left-padded query, right-padded response
     ids = torch.full((2, width), tok.pad_token_id)
     for r, s in enumerate(seqs):
         ids[r, : len(s)] = torch.tensor(s)
-    _, scores, _ = get_reward(comp, ids, tok.pad_token_id, len(q))
-    by_text = comp.score_texts([row["prompt"]] * 2, [good, bad], [ctx, ctx])
+    _, scores, _ = get_reward(adapter, ids, tok.pad_token_id, len(q))
+    by_text = comp.score([row["prompt"]] * 2, [good, bad], [ctx, ctx]).rows()
     assert scores[0].item() == pytest.approx(by_text[0]["reward"], abs=1e-3)
     assert scores[1].item() == pytest.approx(by_text[1]["reward"], abs=1e-3)
     assert by_text[0]["in_catalog"] == 1.0 and by_text[1]["in_catalog"] == 0.0
     rules = [d["reward"] - d["learned"] for d in by_text]
     assert rules[0] - rules[1] >= 1.0 + 1 / 3 - 1e-6  # in_catalog (1 vs 0) and has_k (1 vs 2/3), weight 1 each
-    assert comp.last_terms["has_k"] == pytest.approx((1.0 + 2 / 3) / 2)
+    (record,) = adapter.take_records()  # what the trainer logs for this batch
+    assert record["means"]["has_k"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert [s["text"] for s in record["samples"]] == [good, bad] and adapter.take_records() == []
 
 
 def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
@@ -242,13 +240,21 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     assert m["baselines"]["ease"]["valid_rate"] == 1.0
     assert m["stages"]["ppo"]["kl_to_sft"] is not None
     paired = m["vs_sft"]["ppo"]  # PPO minus SFT on the same users, with its paired standard error
-    assert set(paired) == {"true_utility", "reward"} and paired["reward"]["n"] == m["users"]
+    assert set(paired) == {"true_utility", "ndcg@3", "reward"} and paired["reward"]["n"] == m["users"]
     assert paired["true_utility"]["delta"] == pytest.approx(
         m["stages"]["ppo"]["true_utility"] - m["stages"]["sft"]["true_utility"]
     )
+    # each LLM stage against each baseline on the same users (true utility and ndcg, no reward for baselines)
+    vs_pop = m["vs_baselines"]["ppo"]["popularity"]
+    assert set(vs_pop) == {"true_utility", "ndcg@3"} and vs_pop["true_utility"]["n"] == m["users"]
+    assert vs_pop["true_utility"]["delta"] == pytest.approx(
+        m["stages"]["ppo"]["true_utility"] - m["baselines"]["popularity"]["true_utility"]
+    )
     truth = m["reward_vs_truth"]  # composite reward and its parts against the simulator's utility, per listing
-    assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "n"}
-    assert all(v is None or -1.0 <= v <= 1.0 for part, v in truth.items() if part != "n")
+    assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "terms", "n"}
+    terms = {n.removeprefix("reward/") for n in m["stages"]["ppo"] if n.startswith("reward/")} - {"reward"}
+    assert set(truth["terms"]) == terms and {"learned", "has_k", "in_catalog"} <= terms  # each term on its own
+    assert all(v is None or -1.0 <= v <= 1.0 for part, v in truth.items() if part not in ("n", "terms"))
     html = (out / "report.html").read_text()
     for section in (
         "<h2>Metrics</h2>",
@@ -385,8 +391,10 @@ def test_multi_cpu_launch_two_ranks(tiny_data, tmp_path):
     assert [r["update"] for r in rows] == [1, 2]
     # each update's rollout batch spans both ranks: 2 processes x 4 prompts
     assert rows[0]["episode"] == 8
-    ranks = json.loads((run / "ppo" / "ranks.json").read_text())
-    assert sorted(ranks) == [0, 1]
+    assert json.loads((run / "ppo" / "summary.json").read_text())["processes"] == 2
+    # each rank saved its own RNG state into the resume record
+    (last,) = sorted((run / "ppo" / "checkpoints").glob("update-000002"))
+    assert sorted(p.name for p in last.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
 
 
 def test_pipeline_skips_finished_stages(tiny_ppo, tmp_path):

@@ -101,8 +101,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def run_export(cfg, run_dir: Path, round_no: int) -> dict:
     """Sample ``label.prompts`` held-out prompts and ``label.candidates`` sampled listings for each."""
-    from rlhf.evaluate import load_stage_model
     from rlhf.generation import generate
+    from rlhf.models import load_stage
+    from rlhf.precision import resolve
 
     lc, run = cfg.label, RunDir(run_dir)
     out = round_dir(run_dir, round_no)
@@ -139,8 +140,10 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
     texts = [[None] * lc.candidates for _ in rows]
     prov = [[None] * lc.candidates for _ in rows]
     prompts = [r["prompt"] for r in rows]
+    dtype = resolve(cfg.model, "label export")
+    k = run.meta()["k"]
     for s_index, (stage, js) in enumerate(slots.items()):
-        model, tokenizer = load_stage_model(run_dir, stage, cfg.model)
+        model, tokenizer = load_stage(run_dir, stage, cfg.model, dtype)
         for j in js:
             gen_seed = seed * 100 + s_index * 10 + j
             outs = generate(
@@ -153,6 +156,7 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
                 temperature=lc.temperature,
                 seed=gen_seed,
                 progress=f"label {stage}",
+                k=k,
             )
             for i, t in enumerate(outs):
                 texts[i][j], prov[i][j] = t, {"stage": stage, "seed": gen_seed, "temperature": lc.temperature}

@@ -1,0 +1,118 @@
+"""How PPO's rollouts are sampled and which log-probabilities enter its ratio.
+
+TRL 1.12 samples rollouts with ``policy.generate(..., output_scores=True)`` and takes the "old" log-probabilities
+from the sampler's own scores; the optimisation later recomputes them with a full forward pass of the training
+model. The two paths differ numerically (KV-cached incremental decoding against one pass, no autocast against
+autocast), by little in float32 and by much more in bf16. ``PPOPolicy.generate`` changes two things:
+
+1. Old log-probabilities come from the same forward the optimisation runs (TRL's ``forward`` on the same token
+   layout, under the same autocast), so the first PPO step's ratio is 1 up to float noise in any dtype.
+2. With that, sampling is free to take the fast path: a copy of the policy with its LoRA adapters merged into the
+   weights (``MergedCopy``), refreshed from the live adapters before each rollout. On CPU an unmerged adapter
+   halves generation speed. The copy is refreshed from the frozen base each time, so rounding never accumulates.
+   Sampling from the merged copy instead of the unmerged policy differs only by float rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+from peft import PeftModelForCausalLM
+from peft.tuners.lora import LoraLayer
+
+
+class MergedCopy:
+    """A plain copy of a LoRA policy with the adapter folded into its weights; ``refresh`` re-merges."""
+
+    def __init__(self, policy):
+        self.model = copy.deepcopy(policy).merge_and_unload()
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        live = dict(policy.get_base_model().named_modules())
+        mine = dict(self.model.named_modules())
+        # each LoRA layer of the live policy and the plain Linear it became in the copy
+        self.pairs = [(module, mine[name]) for name, module in live.items() if isinstance(module, LoraLayer)]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for lora, linear in self.pairs:
+            base = lora.get_base_layer().weight
+            delta = sum(lora.get_delta_weight(a) for a in lora.active_adapters if a in lora.lora_A)
+            linear.weight.copy_((base.float() + delta.float()).to(linear.weight.dtype))
+
+
+class PPOPolicy(PeftModelForCausalLM):
+    """The PPO policy: LoRA on the SFT model. Its ``generate`` is TRL's rollout sampler when asked for scores
+    (``output_scores=True``, which only TRL's rollout does); every other call is PEFT's own."""
+
+    rollout_autocast = None  # set by setup_rollouts: the trainer's autocast context factory
+    merged_copy: MergedCopy | None = None
+    logprobs_from = "training"  # or "sampler": TRL's default, the sampler's own scores
+    cliprange = 0.2
+    generation_seconds = 0.0  # time spent sampling rollouts, for the trainer's per-phase timing
+
+    def setup_rollouts(self, autocast, merged: bool, logprobs_from: str = "training", cliprange: float = 0.2):
+        self.rollout_autocast = autocast or nullcontext
+        self.merged_copy = MergedCopy(self) if merged else None
+        self.logprobs_from, self.cliprange = logprobs_from, cliprange
+        self._gaps: list[torch.Tensor] = []
+
+    def generate(self, *args, **kwargs):
+        if not kwargs.get("output_scores") or self.rollout_autocast is None:
+            return super().generate(*args, **kwargs)
+        t0 = time.time()
+        if self.merged_copy is not None:
+            self.merged_copy.refresh()
+            self.merged_copy.model.generation_config = self.generation_config
+            out = self.merged_copy.model.generate(*args, **kwargs)
+        else:
+            out = super().generate(*args, **kwargs)
+        self.generation_seconds += time.time() - t0
+        input_ids, mask, config = kwargs["input_ids"], kwargs["attention_mask"], kwargs["generation_config"]
+        width = input_ids.shape[1]
+        training = self.rollout_logits(input_ids, mask, out.sequences, config)
+        self._record_gap(out.sequences[:, width:], torch.stack(out.scores, 1), training)
+        scores = tuple(training.unbind(1)) if self.logprobs_from == "training" else out.scores
+        return SimpleNamespace(sequences=out.sequences, scores=scores)
+
+    @torch.no_grad()
+    def rollout_logits(self, input_ids, attention_mask, sequences, generation_config) -> torch.Tensor:
+        """[batch, generated steps, vocab]: the logits TRL's optimisation will compute for each generated token
+        (same forward, same autocast, same temperature scaling)."""
+        from trl.experimental.ppo.ppo_trainer import forward
+
+        pad = self.generation_config.pad_token_id
+        width = input_ids.shape[1]
+        query = torch.where(attention_mask.bool(), input_ids, torch.full_like(input_ids, pad))
+        query_response = torch.cat([query, sequences[:, width:]], 1)
+        with self.rollout_autocast():
+            logits = forward(self, query_response, pad).logits[:, width - 1 : -1].float()
+        return logits / generation_config.temperature
+
+    @torch.no_grad()
+    def _record_gap(self, responses, sampler_logits, training_logits) -> None:
+        """log p_training - log p_sampler of each sampled token: the ratio PPO's first step would see if the old
+        log-probabilities came from the sampler (TRL's default)."""
+        tokens = responses.unsqueeze(-1)
+        lp_train = torch.log_softmax(training_logits, -1).gather(-1, tokens).squeeze(-1)
+        lp_sample = torch.log_softmax(sampler_logits.float(), -1).gather(-1, tokens).squeeze(-1)
+        valid = responses != self.generation_config.pad_token_id
+        self._gaps.append((lp_train - lp_sample)[valid].cpu())
+
+    def take_rollout_stats(self) -> dict:
+        """Since the last call: spread of the sampler-vs-training ratio over sampled tokens, and the share of tokens
+        it puts outside PPO's clip range before any update."""
+        gaps, self._gaps = getattr(self, "_gaps", []), []
+        if not gaps:
+            return {}
+        ratio = torch.cat(gaps).double().exp()
+        return {
+            "sampler_ratio_std": float(ratio.std()) if ratio.numel() > 1 else 0.0,
+            "sampler_ratio_outside_clip": float(((ratio - 1).abs() > self.cliprange).double().mean()),
+            "sampler_approxkl": float(0.5 * (ratio.log() ** 2).mean()),
+        }
