@@ -210,7 +210,7 @@ def run_export(cfg, run_dir: Path, out: Path, stage: str, merge: bool) -> dict:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --out (an export never overwrites)")
     paths = _stage_paths(run_dir, stage)
-    meta = run.meta()
+    meta, summary = run.meta(), run.summary()  # the counts are in data/summary.json, not meta.json
     save_resolved(cfg, run_dir, [])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -245,7 +245,7 @@ def run_export(cfg, run_dir: Path, out: Path, stage: str, merge: bool) -> dict:
         "metrics": metrics,
         "eval_split": eval_results.get("split", "-"),
         "examples": _examples(run_dir, stage),
-        "data_line": f"source `{meta.get('source')}`, {meta.get('users', '?')} users, {meta.get('items', '?')} items, "
+        "data_line": f"source `{meta.get('source')}`, {summary['users']} users, {summary['items']} items, "
         f"K={meta['k']}, mode `{meta.get('mode')}`.",
         "base_note": (
             "Not needed: the weights are merged."

@@ -65,6 +65,8 @@ def test_export_round_trip_in_a_fresh_process(tiny_ppo, tmp_path, stage):
     assert manifest["system_prompt"] and (adapter / "prompts" / "recommend-v1" / "system.j2").exists()
     card = (adapter / "README.md").read_text()
     assert manifest["base_model"] in card and "System prompt" in card
+    summary = json.loads((tiny_ppo / "data" / "summary.json").read_text())
+    assert f"source `builtin`, {summary['users']} users, {summary['items']} items, K=3" in card  # not "? users"
     assert (merged / "config.json").exists() and not (merged / "adapter_config.json").exists()
 
     for folder, base in [(adapter, manifest["base_model"]), (merged, "-")]:
