@@ -97,11 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     lp["simulate"].add_argument("--labelers", type=int)
     lp["simulate"].add_argument("--noise", type=float)
 
-    exp = sub.add_parser("export", help="package adapters for chat assistants")
+    exp = sub.add_parser("export", help="package a stage for chat assistants: PEFT adapter, merged model or GGUF")
     _common(exp)
     exp.add_argument("--out", required=True)
     exp.add_argument("--stage", choices=["sft", "ppo"], default="ppo")
-    exp.add_argument("--merge", action="store_true")
+    exp.add_argument(
+        "--format",
+        choices=["peft", "merged", "gguf"],
+        help="peft: LoRA adapter on the original base (default); merged: a standalone transformers model; "
+        "gguf: GGUF files + Ollama Modelfile for llama.cpp, Ollama, LM Studio",
+    )
+    exp.add_argument("--merge", action="store_true", help="the same as --format merged")
+    exp.add_argument("--gguf-types", help="comma list of f32, f16, bf16, q8_0 (default f16,q8_0)")
+    exp.add_argument(
+        "--gguf-lora",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --format gguf: also the LoRA adapter as a llama.cpp adapter GGUF with its base (default on)",
+    )
 
     pipe = sub.add_parser("pipeline", help="data -> sft -> reward -> ppo -> eval, skipping finished stages")
     _common(pipe)
@@ -185,9 +198,11 @@ def dispatch(args) -> int:
 
         run_label(cfg, run_dir, args)
     elif cmd == "export":
-        from rlhf.export import run_export
+        from rlhf.export import export_options, run_export
 
-        run_export(cfg, run_dir, args.out, args.stage, args.merge)
+        run_export(
+            cfg, run_dir, args.out, args.stage, export_options(args.format, args.merge, args.gguf_types, args.gguf_lora)
+        )
     elif cmd == "pipeline":
         from rlhf.pipeline import run_pipeline
 

@@ -44,6 +44,10 @@ class RunDir:
     def meta(self) -> dict:
         return json.loads(self.require("data", self.data / "meta.json").read_text())
 
+    def summary(self) -> dict:
+        """What the data stage counted (users, items, interactions, rows per artifact)."""
+        return json.loads(self.require("data", self.data / "summary.json").read_text())
+
     def catalog(self):
         from rlhf.catalog import Catalog
 

@@ -67,7 +67,8 @@ def test_reward_model_is_the_adapter_merged_on_a_fresh_base(tiny_reward):
 
 
 def test_full_finetuning_without_lora_writes_whole_models(tiny_data, tmp_path):
-    """model.use_lora=false: SFT and reward save the trained model itself (no adapter) and it loads."""
+    """model.use_lora=false: SFT and reward save the trained model itself (no adapter) and it loads (and exports
+    as GGUF, without a LoRA file)."""
     from transformers import AutoModelForCausalLM
 
     from rlhf.models import load_reward_model, resolve_model
@@ -83,6 +84,10 @@ def test_full_finetuning_without_lora_writes_whole_models(tiny_data, tmp_path):
     assert any(not torch.equal(tuned[k], base[k]) for k in base)  # the trained weights, not the base re-saved
     assert load_reward_model(run / "reward" / "model").config.pad_token_id is not None
     assert json.loads((run / "reward" / "metrics.json").read_text())["val_accuracy"] is not None
+    # no adapter on the base: the GGUF export has the whole model and says why there is no LoRA file
+    out = rlhf("export", "--run", run, "--config", TINY, "--stage", "sft", "--out", tmp_path / "g", "--format", "gguf")
+    assert sorted(p.name for p in (tmp_path / "g").glob("*.gguf")) == ["model-f16.gguf", "model-q8_0.gguf"]
+    assert "no LoRA adapter GGUF" in out.stdout
 
 
 def test_pairs_dedupe_balance_and_split():
