@@ -171,7 +171,7 @@ def main() -> None:
     cfg = load_config(args.config or (run_dir / "config.yaml"))
     run, stage = RunDir(run_dir), manifest["stage"]
     args.max_new_tokens = args.max_new_tokens or manifest["max_new_tokens"]
-    rows = run.rows("prompts/test.parquet")[: args.users]
+    rows = run.rows(run.data.prompts("test"))[: args.users]
     tokenizer = load_tokenizer(str(run_dir / "sft" / "merged"))
     print(
         f"{stage} stage of {run_dir}, {len(rows)} test users, greedy, up to {args.max_new_tokens} new tokens, "

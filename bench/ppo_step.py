@@ -66,76 +66,13 @@ def ours(run: Path, args) -> dict:
     }
 
 
-PLAIN = r"""
-import json, sys, time, statistics, torch
-from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-from trl.experimental.ppo import PPOConfig, PPOTrainer
-import pyarrow.parquet as pq
-
-run, updates, batch, resp, epochs, minis, out, temp, dtype = sys.argv[1:10]
-temp = float(temp)
-cuda = torch.cuda.is_available()
-dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-updates, batch, resp, epochs, minis = map(int, (updates, batch, resp, epochs, minis))
-tok = AutoTokenizer.from_pretrained(f"{run}/sft/merged"); tok.padding_side = "left"
-rows = pq.read_table(f"{run}/data/prompts/train.parquet").to_pylist()
-ids = [tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True) for r in rows]
-ids = [list(i["input_ids"] if hasattr(i, "keys") else i) for i in ids]
-policy = AutoModelForCausalLM.from_pretrained(f"{run}/sft/merged", dtype=dtype)
-rm = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1, dtype=dtype)
-value = AutoModelForSequenceClassification.from_pretrained(f"{run}/reward/model", num_labels=1, dtype=dtype)
-for m in (rm, value):
-    m.config.pad_token_id = tok.pad_token_id
-args = PPOConfig(output_dir=out, learning_rate=1e-4, per_device_train_batch_size=batch // minis,
-                 gradient_accumulation_steps=minis, num_mini_batches=minis, num_ppo_epochs=epochs,
-                 total_episodes=updates * batch, local_rollout_forward_batch_size=batch, response_length=resp,
-                 temperature=temp,
-                 stop_token="eos", num_sample_generations=0, save_strategy="no", report_to=[],
-                 bf16=dtype == torch.bfloat16, use_cpu=not cuda, gradient_checkpointing=False)
-times, mark, spent = [], [time.time()], {"generation": 0.0, "scoring": 0.0}
-phases = []
-class Clock(TrainerCallback):
-    def on_step_end(self, *a, **k):
-        times.append(time.time() - mark[0]); mark[0] = time.time()
-        phases.append(dict(spent)); spent.update(generation=0.0, scoring=0.0)
-def timed(fn, key):
-    def wrapper(*a, **k):
-        t = time.time()
-        try:
-            return fn(*a, **k)
-        finally:
-            spent[key] += time.time() - t
-    return wrapper
-lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=rm, value_model=value,
-                     train_dataset=Dataset.from_list([{"input_ids": i} for i in ids]), peft_config=lora,
-                     callbacks=[Clock()])
-policy_model = trainer.accelerator.unwrap_model(trainer.model).policy
-policy_model.generate = timed(policy_model.generate, "generation")
-rm.model.forward = timed(rm.model.forward, "scoring")   # TRL scores through the backbone, then .score
-mark[0] = time.time()
-trainer.train()
-steady = slice(1, None) if len(times) > 1 else slice(None)
-med = lambda xs: statistics.median(xs[steady])
-gen, score = med([p["generation"] for p in phases]), med([p["scoring"] for p in phases])
-upd = med(times)
-gpu = round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None
-print(json.dumps({"update_s": upd, "generation_s": gen, "scoring_s": score, "optimisation_s": upd - gen - score,
-                  "gpu_peak_gb": gpu}))
-"""
-
-
 def plain(run: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         proc, peak = run_child(
             [
                 sys.executable,
-                "-c",
-                PLAIN,
+                str(ROOT / "bench" / "plain_trl_ppo.py"),
                 str(run),
                 str(args.updates),
                 str(args.batch),

@@ -44,7 +44,7 @@ def main() -> None:
     cfg = load_config(args.config or (run_dir / "config.yaml"), args.overrides)
     run = RunDir(run_dir)
     k = run.meta()["k"]
-    rows = run.rows("prompts/test.parquet")[: args.users + 1]
+    rows = run.rows(run.data.prompts("test"))[: args.users + 1]
     dtype = resolve(cfg.model)
     loaded = load_stage(run_dir, args.stage, cfg.model, dtype)
     if loaded is None:

@@ -71,7 +71,7 @@ def for_run(run, weights: dict, dtype: str, reward_model: Path | None = None) ->
     learned term, loaded in ``dtype`` on this process's device."""
     from rlhf.models import load_reward_model, load_tokenizer, on_device
 
-    path = Path(reward_model) if reward_model is not None else run.root / "reward" / "model"
+    path = Path(reward_model) if reward_model is not None else run.reward.model
     learned = None
     if path.exists():
         learned = LearnedScore(on_device(load_reward_model(path, dtype)), load_tokenizer(str(path)))

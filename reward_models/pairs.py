@@ -26,14 +26,14 @@ def _key(row) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()
 
 
-def load_pairs(run_dir: Path, sources: list[str]) -> tuple[list[dict], dict]:
-    """All pairs of the chosen sources, deduplicated; plus counts of what was read and dropped."""
+def load_pairs(run, sources: list[str]) -> tuple[list[dict], dict]:
+    """All pairs of the chosen sources in a RunDir, deduplicated; plus counts of what was read and dropped."""
     rows, report = [], {"read": Counter(), "dropped": Counter()}
     for src in sources:
         if src == "labels":
-            paths = sorted((run_dir / "labels").glob("round-*/pairs.parquet"))
+            paths = run.labels.imported_pairs()
         else:
-            paths = [run_dir / "data" / "pairs" / f"{src}.parquet"]
+            paths = [run.data.pairs(src)]
         for p in paths:
             if not p.exists():
                 continue

@@ -61,29 +61,30 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     from trl import RewardTrainer
 
     from rlhf.models import gather_trained, load_tokenizer, lora_config, resolve_model, torch_dtype, truncate_layers
-    from rlhf.precision import base_dtype, resolve, trainable_in_fp32, trainer_precision
+    from rlhf.precision import base_dtype, resolve, trainable_in_fp32
+    from rlhf.trainer_args import shared_args
 
     run = RunDir(run_dir)
-    run.require("data", run.data / "pairs")
+    run.need(run.data.pairs_dir)
     rc, mc = cfg.reward, cfg.model
     dtype = resolve(mc, "reward")
-    rows, report = load_pairs(run_dir, rc.sources)
+    rows, report = load_pairs(run, rc.sources)
     if not rows:
         raise ValueError(
-            f"no preference pairs for sources {rc.sources} under {run.data / 'pairs'}; "
+            f"no preference pairs for sources {rc.sources} under {run.data.pairs_dir}; "
             "run `rlhf data prepare` (and `rlhf label import` for labels)"
         )
     if rc.balance:
         rows = balance(rows, rc.balance_ratio, cfg.run.seed)
     train_rows, val_rows = split_by_user(rows, rc.val_fraction, cfg.run.seed)
-    out = run_dir / "reward"
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run_dir, ["reward"])
+    out = run.reward
+    out.dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run, ["reward"])
     torch.manual_seed(cfg.run.seed)
 
-    sft_merged = run_dir / "sft" / "merged"
-    if rc.init == "sft" and not sft_merged.exists():
-        run.require("sft", sft_merged)
+    sft_merged = run.sft.merged
+    if rc.init == "sft":
+        run.need(sft_merged)
     # the SFT model already reads these prompts; a reward head on it learns faster than on the base
     base_path = (
         str(sft_merged) if rc.init == "sft" or (rc.init == "auto" and sft_merged.exists()) else resolve_model(mc.name)
@@ -103,25 +104,8 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
 
     model = load_truncated(base_path, base_dtype(mc))
     args = TRLRewardConfig(
-        output_dir=str(out / "trainer"),
-        max_steps=rc.max_steps,
-        num_train_epochs=rc.epochs,
-        per_device_train_batch_size=rc.batch_size,
-        gradient_accumulation_steps=rc.grad_accum,
-        learning_rate=rc.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, rc.max_steps // 10),
-        logging_steps=rc.logging_steps,
-        logging_first_step=True,
-        max_length=rc.max_length,
         center_rewards_coefficient=rc.center_rewards_coefficient or None,
-        save_strategy="no",
-        report_to="none",
-        seed=cfg.run.seed,
-        data_seed=cfg.run.seed,
-        dataloader_num_workers=0,
-        gradient_checkpointing=rc.gradient_checkpointing,
-        **trainer_precision(mc),
+        **shared_args(rc, mc, out.trainer, cfg.run.seed),
     )
     columns = ["chosen_ids", "rejected_ids"] + (["margin"] if rc.use_margin else [])
     trainer = RewardTrainer(
@@ -135,11 +119,11 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
-    with open(out / "log.jsonl", "w") as f:
+    with open(out.log, "w") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
     # merged and saved in float32; accuracy is measured in the compute dtype PPO and eval will score in
-    trained = gather_trained(trainer, load_truncated, base_path, out / "adapter", out / "model", mc.use_lora)
+    trained = gather_trained(trainer, load_truncated, base_path, out.adapter, out.model, mc.use_lora)
     if trained is None:  # not the main process
         return {}
     trained = trained.to(torch_dtype(dtype))
@@ -164,8 +148,8 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         "gpu_peak_gb": gpu_peak_gb(),
         "dtype": dtype,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out.metrics.write_text(json.dumps(metrics, indent=2))
     per = ", ".join(f"{s}={v['accuracy']:.3f} (n={v['n']})" for s, v in acc["by_source"].items())
     print(f"reward: {metrics['steps']} steps in {seconds:.0f}s; held-out accuracy {acc['overall']:.3f} [{per}]")
-    print(f"reward: wrote {out / 'model'}")
+    print(f"reward: wrote {out.model}")
     return metrics

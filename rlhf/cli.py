@@ -154,14 +154,23 @@ def _flag_overrides(args) -> list[str]:
 
 
 def _load(args):
+    """The config a command runs with: the run's resolved config.yaml (when the run exists), the recipe over it
+    (except the sections of finished stages), then the flags and overrides. The data stage starts from the recipe."""
     from rlhf.config import load_config
+    from rlhf.models import check_model_fits_run
+    from rlhf.runs import RunDir
 
     section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval", "label": "label"}.get(
         args.command
     )
-    cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)], default_section=section)
-    if args.run:
-        cfg.run.dir = args.run
+    overrides = [*args.overrides, *_flag_overrides(args)]
+    run = RunDir(args.run or load_config(args.config, overrides, default_section=section).run.path)
+    later = args.command not in ("data", "pipeline")
+    frozen = {"run", "data"} if later and run.done("data") else set()
+    cfg = load_config(args.config, overrides, section, run.config if later else None, frozen)
+    cfg.run.dir = str(run.root)
+    if later:
+        check_model_fits_run(cfg.model.name, run)
     return cfg
 
 
@@ -170,7 +179,7 @@ def dispatch(args) -> int:
     run_dir = cfg.run.path
     cmd = args.command
     if cmd == "data":
-        from rlhf.stages import run_data
+        from rlhf.data.prepare import run_data
 
         run_data(cfg, run_dir)
     elif cmd == "sft":

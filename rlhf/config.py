@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -417,25 +418,55 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def read_sections(path: str | os.PathLike) -> dict:
+    """A YAML file of config sections (a recipe or a run's config.yaml), checked for shape, not yet validated."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p} must be a mapping of sections ({', '.join(SECTIONS)})")
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    return {k: dict(v or {}) for k, v in raw.items()}
+
+
+def _layer(run_sections: dict, recipe: dict, frozen: set[str]) -> dict:
+    """The run's resolved config with the recipe over it, field by field, except the ``frozen`` sections (what
+    finished stages made, e.g. the prepared data): those stay as the run has them, and a recipe that differs is
+    said to be ignored."""
+    raw = {k: dict(v) for k, v in run_sections.items()}
+    for section, values in recipe.items():
+        if section in frozen:
+            differ = sorted(f for f, v in values.items() if raw.get(section, {}).get(f, v) != v)
+            if differ:
+                print(
+                    f"config: the run's {section} section is kept (its stage is done); the recipe's "
+                    f"{', '.join(differ)} ignored",
+                    file=sys.stderr,
+                )
+            continue
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
 def load_config(
-    path: str | os.PathLike | None = None, overrides: list[str] | tuple = (), default_section: str | None = None
+    path: str | os.PathLike | None = None,
+    overrides: list[str] | tuple = (),
+    default_section: str | None = None,
+    run_config: str | os.PathLike | None = None,
+    frozen: set[str] = frozenset(),
 ) -> Config:
-    """Recipe file + overrides -> validated Config. ``default_section`` qualifies bare ``field=value``."""
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p} must be a mapping of sections ({', '.join(SECTIONS)})")
-        unknown = set(raw) - set(SECTIONS)
-        if unknown:
-            raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
-    raw = {k: dict(v or {}) for k, v in raw.items()}
+    """Recipe file + overrides -> validated Config. ``default_section`` qualifies bare ``field=value``. With
+    ``run_config`` (a run's config.yaml, when it exists) the run's resolved config comes first and the recipe is
+    layered over it (``frozen`` sections excepted), so a later stage needs no ``--config``; overrides always win."""
+    recipe = read_sections(path) if path else {}
+    run_sections = read_sections(run_config) if run_config and Path(run_config).exists() else {}
+    raw = _layer(run_sections, recipe, set(frozen)) if run_sections else recipe
     for text in overrides:
         keys, value = parse_override(text)
         if keys[0] not in SECTIONS:
@@ -452,16 +483,16 @@ def load_config(
         raise ConfigError(str(e)) from None
 
 
-def save_resolved(cfg: Config, run_dir: Path, sections: list[str]) -> Path:
-    """Merge the given sections of ``cfg`` into RUN_DIR/config.yaml (other stages' sections are kept)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "config.yaml"
-    current = yaml.safe_load(target.read_text()) if target.exists() else {}
-    current = current or {}
+def save_resolved(cfg: Config, run, sections: list[str]) -> Path:
+    """Write a stage's own ``sections`` of ``cfg`` into the run's config.yaml, keeping every other section as it
+    is. The first stage to write it stores every section, so the later stages read the recipe from the run and
+    need no ``--config``."""
+    from rlhf.runs import atomic_write
+
+    current = yaml.safe_load(run.config.read_text()) if run.config.exists() else None
     full = cfg.to_dict()
-    for s in ["run", "model", *sections]:
+    if not current:
+        current = full
+    for s in sections:
         current[s] = full[s]
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(current, sort_keys=False))
-    os.replace(tmp, target)
-    return target
+    return atomic_write(run.config, yaml.safe_dump(current, sort_keys=False))

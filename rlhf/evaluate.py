@@ -33,10 +33,10 @@ class HeldOutUsers:
         self.run = run
         self.meta = run.meta()
         self.catalog = run.catalog()
-        rows = run.rows(f"prompts/{split}.parquet")
+        rows = run.rows(run.data.prompts(split))
         self.rows = rows[:max_users] if max_users else rows
         if not self.rows:
-            raise ValueError(f"no held-out prompts in {run.data / 'prompts' / (split + '.parquet')}")
+            raise ValueError(f"no held-out prompts in {run.data.prompts(split)}")
         self.popularity, self.n_users = Counter(), 0
         for u in self._split_rows():
             self.popularity.update({h[0] for h in u["history"]})
@@ -46,12 +46,12 @@ class HeldOutUsers:
         self.features = {it.item_id: set(it.genres) for it in self.catalog.items}
         self.sim = None
         if self.meta.get("simulator_seed") is not None:
-            from rlhf.simulator import Simulator
+            from rlhf.data.simulator import Simulator
 
             self.sim = Simulator(self.catalog, seed=self.meta["simulator_seed"])
 
     def _split_rows(self):
-        with open(self.run.data / "splits.jsonl") as f:  # streamed: one user at a time
+        with open(self.run.data.splits) as f:  # streamed: one user at a time
             for line in f:
                 if line.strip():
                     yield json.loads(line)
@@ -225,9 +225,9 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     run, ec = RunDir(run_dir), cfg.eval
     users = HeldOutUsers(run, ec.split, ec.max_users)
     k = k or users.meta["k"]
-    out = run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run_dir, ["eval"])
+    out = run.eval
+    out.dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run, ["eval"])
     torch.manual_seed(cfg.run.seed)
     dtype = resolve(cfg.model, "eval")
     composite = for_run(run, cfg.ppo.reward_weights, dtype) if run.done("reward") else None
@@ -246,7 +246,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     per_user: dict[str, dict[str, list]] = {}
     scored: dict = {}  # each LLM stage's composite reward, every term per user
     examples, reference = {}, None
-    with open(out / "listings.jsonl", "w") as listing_file:
+    with open(out.listings, "w") as listing_file:
         for stage in ec.stages:
             loaded = load_stage(run_dir, stage, cfg.model, dtype)
             if loaded is None:
@@ -275,9 +275,9 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     if composite is not None and (truth := _reward_vs_truth(per_user, scored, composite)):
         results["reward_vs_truth"] = truth
     results["notes"] = notes
-    (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    write_report(run_dir, results, users, examples)
-    print(f"eval: {len(users.rows)} {ec.split} users, K={k}; wrote {out / 'metrics.json'} and {out / 'report.html'}")
+    out.metrics.write_text(json.dumps(results, indent=2))
+    write_report(run, results, users, examples)
+    print(f"eval: {len(users.rows)} {ec.split} users, K={k}; wrote {out.metrics} and {out.report_html}")
     for line in M.describe_eval(results):
         print(f"eval: {line}")
     for note in notes:

@@ -30,7 +30,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rlhf.config import ConfigError, save_resolved
+from rlhf.config import ConfigError
 from rlhf.runs import RunDir
 
 FORMATS = ("peft", "merged", "gguf")
@@ -45,9 +45,9 @@ ORIGINS = {
 
 def _stage_paths(run_dir: Path, stage: str) -> dict:
     run = RunDir(run_dir)
-    paths = {"merged": run.require("sft", run_dir / "sft" / "merged"), "sft_adapter": run_dir / "sft" / "adapter"}
+    paths = {"merged": run.need(run.sft.merged), "sft_adapter": run.sft.adapter}
     if stage == "ppo":
-        paths["ppo_adapter"] = run.require("ppo", run_dir / "ppo" / "adapter")
+        paths["ppo_adapter"] = run.need(run.ppo.adapter)
     return paths
 
 
@@ -172,15 +172,12 @@ def _read_json(path: Path):
 
 def _examples(run_dir: Path, stage: str, n: int = 3) -> list[dict]:
     """Conversations from the eval stage: the prompt a held-out user got and what this stage answered."""
-    listings = run_dir / "eval" / "listings.jsonl"
+    run = RunDir(run_dir)
+    listings = run.eval.listings
     if not listings.exists():
         return []
-    run = RunDir(run_dir)
     split_rows = {
-        r["user_id"]: r
-        for s in ("test", "val")
-        if (run.data / "prompts" / f"{s}.parquet").exists()
-        for r in run.rows(f"prompts/{s}.parquet")
+        r["user_id"]: r for s in ("test", "val") if run.data.prompts(s).exists() for r in run.rows(run.data.prompts(s))
     }
     out = []
     for line in listings.read_text().splitlines():
@@ -210,8 +207,8 @@ def export_options(fmt: str | None, merge: bool, gguf_types: str | None, gguf_lo
 
 def _info(cfg, run: RunDir, stage: str, opts: dict, form: dict, prompt: list[dict]) -> dict:
     """Everything the card and rec_rlhf.json say."""
-    meta, data = run.meta(), _read_json(run.data / "summary.json") or {}
-    eval_results = _read_json(run.root / "eval" / "metrics.json") or {}
+    meta, data = run.meta(), _read_json(run.data.summary) or {}
+    eval_results = _read_json(run.eval.metrics) or {}
     origin = ORIGINS.get(cfg.model.name, cfg.model.name)
     return {
         **form,
@@ -273,11 +270,10 @@ def run_export(cfg, run_dir: Path, out: Path, stage: str, opts: dict) -> dict:
         raise ConfigError(f"{out} exists and is not empty; choose a new --out (an export never overwrites)")
     paths = _stage_paths(run_dir, stage)
     template = run.meta().get("template", "recommend-v1")
-    rows = run.rows("prompts/test.parquet") or run.rows("prompts/val.parquet")
+    rows = run.rows(run.data.prompts("test")) or run.rows(run.data.prompts("val"))
     tokenizer = load_tokenizer(str(paths["merged"]))
     if opts["format"] == "gguf":
         _check_gguf(paths, tokenizer)
-    save_resolved(cfg, run_dir, [])
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -434,7 +434,7 @@ def load_generic(path: Path, columns: dict, items_path: str, skips: SkipLog):
 
 # -- built-in: catalog + simulator -------------------------------------------------------------
 def load_builtin(cfg, skips: SkipLog):
-    from rlhf.simulator import Simulator
+    from rlhf.data.simulator import Simulator
 
     catalog = Catalog.load_jsonl(cfg.catalog) if cfg.catalog else Catalog.builtin()
     sim = Simulator(catalog, seed=cfg.seed)

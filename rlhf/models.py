@@ -205,13 +205,13 @@ def load_stage(run_dir, stage: str, model_cfg, dtype: str):
     """(model, tokenizer) of a stage for inference: the base model, SFT's merged model, or SFT's with PPO's adapter
     merged in (merged in float32, then cast to ``dtype``: an unmerged adapter would cost every forward); None when
     the stage has not been trained in ``run_dir``."""
-    from pathlib import Path
+    from rlhf.runs import RunDir
 
-    run_dir = Path(run_dir)
     if stage == "base":
         path = resolve_model(model_cfg.name)
         return on_device(load_causal_lm(path, dtype)), load_tokenizer(path)
-    merged, adapter = run_dir / "sft" / "merged", run_dir / "ppo" / "adapter"
+    run = RunDir(run_dir)
+    merged, adapter = run.sft.merged, run.ppo.adapter
     if not merged.exists() or (stage == "ppo" and not adapter.exists()):
         return None
     if stage != "ppo":
@@ -220,6 +220,37 @@ def load_stage(run_dir, stage: str, model_cfg, dtype: str):
 
     model = PeftModel.from_pretrained(load_causal_lm(str(merged), "float32"), str(adapter)).merge_and_unload()
     return on_device(model.to(torch_dtype(dtype))), load_tokenizer(str(merged))
+
+
+def check_model_fits_run(model_name: str, run) -> None:
+    """A stage pointed at a run trained from another model stops here, not with a shape mismatch deep in a forward
+    pass: the run's data was tokenized for ``meta.json: tokenizer`` and its SFT model trained from that name."""
+    import json
+
+    if not run.data.meta.exists():
+        return
+    prepared = json.loads(run.data.meta.read_text()).get("tokenizer")
+    if prepared and prepared != model_name and load_tokenizer_vocab(prepared) != load_tokenizer_vocab(model_name):
+        raise ModelError(
+            f"{run.root} was prepared for model {prepared!r} (its data/meta.json) but this command uses "
+            f"model.name={model_name!r}, whose tokenizer differs; use the run's model or another run directory"
+        )
+    merged = run.sft.merged / "config.json"
+    if merged.exists() and (trained := json.loads(merged.read_text()).get("vocab_size")):
+        expected = load_tokenizer_vocab(model_name)
+        if expected and expected != trained:
+            raise ModelError(
+                f"{run.sft.merged} has a vocabulary of {trained} tokens but model.name={model_name!r} has {expected}; "
+                "this run was trained from another model"
+            )
+
+
+def load_tokenizer_vocab(name: str) -> int | None:
+    """The vocabulary size of a model's tokenizer (None when it cannot be read here, e.g. an unfetched hub id)."""
+    try:
+        return len(load_tokenizer(name if name in BUILTIN_MODELS else resolve_model(name)))
+    except (ModelError, OSError, ValueError):
+        return None
 
 
 def on_device(model):

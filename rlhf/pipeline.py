@@ -65,10 +65,11 @@ def run_pipeline(cfg: Config, run_dir: Path, config: str | None = None, override
         print(f"{label}: done in {timings[stage]:.0f}s", flush=True)
     total = round(time.time() - started, 1)
     summary = {"run_dir": str(run_dir), "seconds": total, "stage_seconds": timings}
-    (run_dir / "pipeline.json").write_text(json.dumps(summary, indent=2))
-    report = run_dir / "eval" / "report.html"
+    run = RunDir(run_dir)
+    run.pipeline.write_text(json.dumps(summary, indent=2))
+    report = run.eval.report_html
     print(f"pipeline: finished in {total / 60:.1f} min; report: {report if report.exists() else '(no report)'}")
-    metrics = run_dir / "eval" / "metrics.json"
+    metrics = run.eval.metrics
     if metrics.exists():
         m = json.loads(metrics.read_text())
         for stage, vals in m.get("stages", {}).items():

@@ -37,46 +37,46 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from reward_models.composite import for_run
     from reward_models.encoding import prompt_ids
     from reward_models.trl_ppo import TRLRewardAdapter
+    from rlhf.data.simulator import listing_truth
     from rlhf.models import load_causal_lm, load_tokenizer, lora_config
     from rlhf.ppo_trainer import RecPPOTrainer
     from rlhf.precision import base_dtype, resolve, trainer_precision
     from rlhf.rollout import PPOPolicy
-    from rlhf.simulator import listing_truth
 
     run = RunDir(run_dir)
-    sft_path = run.require("sft", run_dir / "sft" / "merged")
-    rm_path = run.require("reward", run_dir / "reward" / "model")
-    pc, mc = cfg.ppo, cfg.model
-    dtype = resolve(mc, "ppo")
-    out = run_dir / "ppo"
+    sft_path = run.need(run.sft.merged)
+    rm_path = run.need(run.reward.model)
+    ppo_cfg, model_cfg = cfg.ppo, cfg.model
+    dtype = resolve(model_cfg, "ppo")
+    out = run.ppo
     state = PartialState(cpu=not torch.cuda.is_available())
-    resume_from = checkpoint.latest(out / "checkpoints") if resume else None
+    resume_from = checkpoint.latest(out.checkpoints) if resume else None
     if resume and resume_from is None:
-        print(f"ppo: --resume found no complete checkpoint under {out / 'checkpoints'}; starting from update 0")
+        print(f"ppo: --resume found no complete checkpoint under {out.checkpoints}; starting from update 0")
     done = json.loads((resume_from / "state.json").read_text())["update"] if resume_from else 0
     if state.is_main_process:
         _prepare_output(out, resume_from, done)
-        save_resolved(cfg, run_dir, ["ppo"])
+        save_resolved(cfg, run, ["ppo"])
     state.wait_for_everyone()
-    if done >= pc.total_updates:
-        print(f"ppo: {done} of {pc.total_updates} updates already done")
+    if done >= ppo_cfg.total_updates:
+        print(f"ppo: {done} of {ppo_cfg.total_updates} updates already done")
         return {"updates": done}
     torch.manual_seed(cfg.run.seed)
 
     tokenizer = load_tokenizer(str(sft_path))
-    rows = run.rows("prompts/train.parquet")
-    rows = rows[: pc.max_prompts] if pc.max_prompts else rows
-    if len(rows) < pc.batch_size:
-        raise ValueError(f"{len(rows)} PPO prompts is fewer than ppo.batch_size={pc.batch_size}")
+    rows = run.rows(run.data.prompts("train"))
+    rows = rows[: ppo_cfg.max_prompts] if ppo_cfg.max_prompts else rows
+    if len(rows) < ppo_cfg.batch_size:
+        raise ValueError(f"{len(rows)} PPO prompts is fewer than ppo.batch_size={ppo_cfg.batch_size}")
     ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
 
-    policy = load_causal_lm(str(sft_path), base_dtype(mc), mc.load_in_4bit)
+    policy = load_causal_lm(str(sft_path), base_dtype(model_cfg), model_cfg.load_in_4bit)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    if mc.use_lora:
-        policy = PPOPolicy(policy, lora_config(mc))
+    if model_cfg.use_lora:
+        policy = PPOPolicy(policy, lora_config(model_cfg))
     value_model = _value_model(rm_path, cfg, tokenizer.pad_token_id)
     reward = TRLRewardAdapter(
-        for_run(run, pc.reward_weights, dtype, rm_path),
+        for_run(run, ppo_cfg.reward_weights, dtype, rm_path),
         tokenizer,
         policy.config,
         truth=listing_truth(run.catalog(), run.meta()),
@@ -84,39 +84,39 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     for r, prompt in zip(rows, ids):
         reward.register(prompt, r["prompt"], _context(r))
 
-    remaining = pc.total_updates - done
+    remaining = ppo_cfg.total_updates - done
     # TRL: the rollout batch per process is per_device_train_batch_size x gradient_accumulation_steps, split into
     # num_mini_batches; one micro-batch per mini-batch
     args = PPOConfig(
-        output_dir=str(out / "trainer"),
-        learning_rate=pc.learning_rate,
-        per_device_train_batch_size=pc.batch_size // pc.mini_batches,
-        gradient_accumulation_steps=pc.mini_batches,
-        num_mini_batches=pc.mini_batches,
-        num_ppo_epochs=pc.ppo_epochs,
-        total_episodes=remaining * pc.batch_size * state.num_processes,
-        local_rollout_forward_batch_size=pc.batch_size,
-        response_length=pc.response_length,
-        temperature=pc.temperature,
-        kl_coef=pc.kl_coef,
-        kl_estimator=pc.kl_estimator,
-        missing_eos_penalty=pc.missing_eos_penalty,
-        cliprange=pc.cliprange,
-        cliprange_value=pc.cliprange_value,
-        vf_coef=pc.vf_coef,
-        whiten_rewards=pc.whiten_rewards,
-        gamma=pc.gamma,
-        lam=pc.lam,
+        output_dir=str(out.trainer),
+        learning_rate=ppo_cfg.learning_rate,
+        per_device_train_batch_size=ppo_cfg.batch_size // ppo_cfg.mini_batches,
+        gradient_accumulation_steps=ppo_cfg.mini_batches,
+        num_mini_batches=ppo_cfg.mini_batches,
+        num_ppo_epochs=ppo_cfg.ppo_epochs,
+        total_episodes=remaining * ppo_cfg.batch_size * state.num_processes,
+        local_rollout_forward_batch_size=ppo_cfg.batch_size,
+        response_length=ppo_cfg.response_length,
+        temperature=ppo_cfg.temperature,
+        kl_coef=ppo_cfg.kl_coef,
+        kl_estimator=ppo_cfg.kl_estimator,
+        missing_eos_penalty=ppo_cfg.missing_eos_penalty,
+        cliprange=ppo_cfg.cliprange,
+        cliprange_value=ppo_cfg.cliprange_value,
+        vf_coef=ppo_cfg.vf_coef,
+        whiten_rewards=ppo_cfg.whiten_rewards,
+        gamma=ppo_cfg.gamma,
+        lam=ppo_cfg.lam,
         stop_token="eos",
         num_sample_generations=0,
         logging_steps=1,
         save_strategy="no",
-        report_to=[] if pc.report_to == "none" else [pc.report_to],
+        report_to=[] if ppo_cfg.report_to == "none" else [ppo_cfg.report_to],
         seed=cfg.run.seed + done,
-        lr_scheduler_type=pc.lr_scheduler,
+        lr_scheduler_type=ppo_cfg.lr_scheduler,
         gradient_checkpointing=False,
         dataloader_num_workers=0,
-        **trainer_precision(mc),
+        **trainer_precision(model_cfg),
     )
     trainer = RecPPOTrainer(
         args=args,
@@ -127,16 +127,16 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         value_model=value_model,
         train_dataset=Dataset.from_list([{"input_ids": i} for i in ids]),
         peft_config=None,  # the LoRA policy is built above (PPOPolicy); without LoRA TRL copies a reference
-        stage_cfg=pc,
+        stage_cfg=ppo_cfg,
         out=out,
         reward=reward,
-        total_updates=pc.total_updates,
+        total_updates=ppo_cfg.total_updates,
         update_offset=done,
         resume_from=resume_from,
-        merged_rollouts=pc.merged_rollouts,
+        merged_rollouts=ppo_cfg.merged_rollouts,
     )
     if resume_from:
-        print(f"ppo: resuming from {resume_from.name} ({done} of {pc.total_updates} updates done)")
+        print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
@@ -144,20 +144,20 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if not trainer.accelerator.is_main_process:  # TRL fix: saving on another rank fails in TRL 1.12
         return {}
     policy = trainer.policy_module
-    policy.save_pretrained(out / "adapter")
-    tokenizer.save_pretrained(out / "adapter")
-    _write_samples(policy, tokenizer, run, reward.composite, out / "samples.jsonl", pc)
+    policy.save_pretrained(out.adapter)
+    tokenizer.save_pretrained(out.adapter)
+    _write_samples(policy, tokenizer, run, reward.composite, ppo_cfg)
     summary = {
-        "updates": pc.total_updates,
+        "updates": ppo_cfg.total_updates,
         "resumed_at": done or None,
         "seconds": round(seconds, 1),
         "processes": trainer.accelerator.num_processes,
         "dtype": dtype,
         "merged_rollouts": trainer.merged_rollouts,
-        "reward_weights": pc.reward_weights,
+        "reward_weights": ppo_cfg.reward_weights,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"ppo: {remaining} updates in {seconds:.0f}s (total {pc.total_updates}); wrote {out / 'adapter'}")
+    out.summary.write_text(json.dumps(summary, indent=2))
+    print(f"ppo: {remaining} updates in {seconds:.0f}s (total {ppo_cfg.total_updates}); wrote {out.adapter}")
     return summary
 
 
@@ -167,14 +167,14 @@ def _context(row: dict):
     return PromptContext.from_row(row)
 
 
-def _prepare_output(out: Path, resume_from: Path | None, done: int) -> None:
+def _prepare_output(out, resume_from: Path | None, done: int) -> None:
     """A fresh run replaces an earlier run's metrics and checkpoints; a resumed one drops the lines logged after
     its checkpoint (they belong to lost work)."""
-    if not resume_from and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if not resume_from and out.dir.exists():
+        shutil.rmtree(out.dir)
+    out.dir.mkdir(parents=True, exist_ok=True)
     if resume_from:
-        for path in (out / "metrics.jsonl", out / "rollouts.jsonl"):
+        for path in (out.metrics, out.rollouts):
             if path.exists():
                 lines = [x for x in path.read_text().splitlines() if x.strip()]
                 path.write_text("".join(x + "\n" for x in lines if json.loads(x).get("update", 0) <= done))
@@ -187,11 +187,11 @@ def _value_model(rm_path: Path, cfg: Config, pad_id: int):
     from rlhf.models import load_reward_model, lora_config, truncate_layers
     from rlhf.precision import base_dtype, trainable_in_fp32
 
-    mc = cfg.model
-    model = truncate_layers(load_reward_model(rm_path, base_dtype(mc)), cfg.ppo.value_layers)
+    model_cfg = cfg.model
+    model = truncate_layers(load_reward_model(rm_path, base_dtype(model_cfg)), cfg.ppo.value_layers)
     model.config.pad_token_id = pad_id
-    if mc.use_lora:
-        model = get_peft_model(model, lora_config(mc, task_type="SEQ_CLS"))
+    if model_cfg.use_lora:
+        model = get_peft_model(model, lora_config(model_cfg, task_type="SEQ_CLS"))
         # TRL reads base_model_prefix, score and the backbone on the value model itself
         base = model.get_base_model()
         model.base_model_prefix = base.base_model_prefix
@@ -209,15 +209,15 @@ def _input_in_weight_dtype(module, args):
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
-def _write_samples(policy, tokenizer, run: RunDir, composite, path: Path, pc) -> None:
+def _write_samples(policy, tokenizer, run: RunDir, composite, ppo_cfg) -> None:
     """Greedy completions for a few validation users with their reward terms: read them."""
     from rlhf.generation import generate
 
-    rows = run.rows("prompts/val.parquet")[:6]
+    rows = run.rows(run.data.prompts("val"))[:6]
     if not rows:
         return
-    texts = generate(policy, tokenizer, [r["prompt"] for r in rows], max_new_tokens=pc.response_length)
+    texts = generate(policy, tokenizer, [r["prompt"] for r in rows], max_new_tokens=ppo_cfg.response_length)
     scored = composite.score([r["prompt"] for r in rows], texts, [_context(r) for r in rows])
-    with open(path, "w") as f:
+    with open(run.ppo.samples, "w") as f:
         for r, t, s in zip(rows, texts, scored.rows()):
             f.write(json.dumps({"user_id": r["user_id"], "text": t, **s}) + "\n")

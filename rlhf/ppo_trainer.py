@@ -43,7 +43,7 @@ class CheckpointEvery(TrainerCallback):
         t = self.trainer
         update = t.update_offset + state.global_step
         if update % t.stage_cfg.checkpoint_every == 0 or update == t.total_updates:
-            checkpoint.save(t, t.out / "checkpoints", update, t.total_updates)
+            checkpoint.save(t, t.out.checkpoints, update, t.total_updates)
         return control
 
 
@@ -52,7 +52,7 @@ class RecPPOTrainer(PPOTrainer):
         self,
         *args,
         stage_cfg,
-        out: Path,
+        out,
         reward,
         total_updates: int,
         update_offset: int,
@@ -149,7 +149,7 @@ class RecPPOTrainer(PPOTrainer):
             return
         if update % self.stage_cfg.sample_every == 0:  # read these: metrics hide reward hacking
             samples = [s for r in records for s in r["samples"]][:ROLLOUT_SAMPLES_PER_UPDATE]
-            with open(self.out / "rollouts.jsonl", "a") as f:
+            with open(self.out.rollouts, "a") as f:
                 f.writelines(json.dumps({"update": update, **s}) + "\n" for s in samples)
-        with open(self.out / "metrics.jsonl", "a") as f:
+        with open(self.out.metrics, "a") as f:
             f.write(json.dumps({k: (v.item() if hasattr(v, "item") else v) for k, v in logs.items()}) + "\n")

@@ -20,10 +20,10 @@ class RecommendError(ValueError):
 
 def _user_row(run: RunDir, user_id: str) -> dict:
     for split in ("test", "val", "train"):
-        for r in run.rows(f"prompts/{split}.parquet"):
+        for r in run.rows(run.data.prompts(split)):
             if r["user_id"] == user_id:
                 return r
-    raise RecommendError(f"user {user_id!r} is not in {run.data / 'prompts'}; pass --history instead")
+    raise RecommendError(f"user {user_id!r} is not in {run.data.prompts('*')}; pass --history instead")
 
 
 def history_from_titles(text: str, catalog) -> list[str]:

@@ -1,13 +1,11 @@
-"""The evaluation report: a metrics table (stages beside baselines), plots, and example listings.
-
-Everything from data or the model is HTML-escaped: titles and generations are untrusted text.
+"""The evaluation report: a metrics table (stages beside baselines), paired comparisons, how each reward term
+tracks true utility, plots and example listings, as Markdown and HTML from one Jinja template pair
+(rlhf/templates/report.{md,html}.j2). The HTML template is autoescaped: titles and generations are untrusted text.
 """
 
 from __future__ import annotations
 
-import html
 import json
-from pathlib import Path
 
 from rlhf.metrics import describe_eval
 
@@ -51,16 +49,16 @@ def table_rows(results: dict) -> tuple[list[str], list[tuple[str, dict]]]:
     return cols, entries
 
 
-def _plots(run_dir: Path, results: dict) -> list[str]:
+def _plots(run, results: dict) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plot_dir = run_dir / "eval" / "plots"
+    plot_dir = run.eval.plots
     plot_dir.mkdir(parents=True, exist_ok=True)
     made = []
-    mpath = run_dir / "ppo" / "metrics.jsonl"
+    mpath = run.ppo.metrics
     if mpath.exists():
         rows = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
         if rows:
@@ -99,102 +97,73 @@ def _plots(run_dir: Path, results: dict) -> list[str]:
         ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
         fname = f"plots/bars_{metric.replace('@', '_at_').replace('/', '_')}.png"
-        fig.savefig(run_dir / "eval" / fname, dpi=110)
+        fig.savefig(run.eval.dir / fname, dpi=110)
         plt.close(fig)
         made.append(fname)
     return made
 
 
-def write_report(run_dir: Path, results: dict, ctx, examples: dict[str, list[str]]) -> None:
-    out = run_dir / "eval"
-    plots = _plots(run_dir, results)
+def _comparison_rows(results: dict) -> list[dict]:
+    """One row per (LLM stage, baseline): paired differences of true utility and ndcg@K on the same users."""
+    k, rows = results["k"], []
+    for stage, by_baseline in results.get("vs_baselines", {}).items():
+        for baseline, diffs in by_baseline.items():
+            cells = {m: (f"{d['delta']:+.3f} ± {d['se']:.3f}" if d else "–") for m, d in diffs.items()}
+            rows.append(
+                {
+                    "name": f"{stage} − {baseline}",
+                    "true_utility": cells.get("true_utility", "–"),
+                    "ndcg": cells.get(f"ndcg@{k}", "–"),
+                }
+            )
+    return rows
+
+
+def _term_rows(results: dict) -> list[tuple[str, str]]:
+    terms = (results.get("reward_vs_truth") or {}).get("terms") or {}
+    return [(name, "n/a" if r is None else f"{r:+.2f}") for name, r in terms.items()]
+
+
+def _examples(users, examples: dict[str, list[str]]) -> list[dict]:
+    out = []
+    for j, row in enumerate(users.rows[: max((len(v) for v in examples.values()), default=0)]):
+        history = "; ".join(users.catalog[i].display for i in row["history_ids"][-8:] if i in users.catalog)
+        stages = [(stage, texts[j]) for stage, texts in examples.items() if j < len(texts)]
+        out.append({"user_id": str(row["user_id"]), "history": history, "stages": stages})
+    return out
+
+
+def write_report(run, results: dict, users, examples: dict[str, list[str]]) -> None:
+    """eval/report.md and eval/report.html of a RunDir, and the plots they show."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
     cols, entries = table_rows(results)
     k = results["k"]
-    # -- markdown ---------------------------------------------------------------------------------
-    md = [
-        f"# Evaluation of {run_dir}",
-        "",
-        f"{results['users']} held-out users ({results['split']} split), K={k}, mode={results['mode']}. "
-        "hr@1 is divided by all prompts (S-DPO's convention); see valid_rate for LLaRA's.",
-        "",
-        "| | " + " | ".join(cols) + " |",
-        "|---|" + "---|" * len(cols),
+    cold = [
+        (name, [_fmt(v.get(c)) for c in ("valid_rate", f"hr@{k}", f"ndcg@{k}", "true_utility")])
+        for group in ("stages", "baselines")
+        for name, v in results["cold_start"][group].items()
     ]
-    md += [f"| {name} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for name, v in entries]
-    summary = describe_eval(results)  # against SFT, and the reward against true utility
-    if summary:
-        md += [""] + [f"- {line}" for line in summary]
-    if results["cold_start"]["users"]:
-        md += [
-            "",
-            f"## Cold-start users ({results['cold_start']['users']})",
-            "",
-            f"| | valid_rate | hr@{k} | ndcg@{k} | true_utility |",
-            "|---|---|---|---|---|",
-        ]
-        for group in ("stages", "baselines"):
-            for name, v in results["cold_start"][group].items():
-                md.append(
-                    f"| {name} | {_fmt(v.get('valid_rate'))} | {_fmt(v.get(f'hr@{k}'))} | "
-                    f"{_fmt(v.get(f'ndcg@{k}'))} | {_fmt(v.get('true_utility'))} |"
-                )
-    md += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    md += ["", "## Example listings", ""]
-    for j, row in enumerate(ctx.rows[: max((len(v) for v in examples.values()), default=0)]):
-        md += [
-            f"### User {row['user_id']}",
-            "",
-            "History: " + "; ".join(ctx.catalog[i].display for i in row["history_ids"][-8:] if i in ctx.catalog),
-            "",
-        ]
-        for stage, texts in examples.items():
-            if j < len(texts):
-                md += [f"**{stage}**", "", "```", texts[j], "```", ""]
-    if results.get("notes"):
-        md += ["## Notes", ""] + [f"- {n}" for n in results["notes"]]
-    (out / "report.md").write_text("\n".join(md) + "\n")
-    # -- html -------------------------------------------------------------------------------------
-    e = html.escape
-    h = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>rec-rlhf evaluation</title><style>",
-        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px;color:#222}",
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:4px 6px;text-align:right}",
-        "th:first-child,td:first-child{text-align:left}tr.llm{background:#eef4ff}",
-        "pre{background:#f6f6f6;padding:8px;white-space:pre-wrap;font-size:13px}.ex{display:flex;gap:1em}",
-        ".ex>div{flex:1;min-width:0}img{max-width:100%;border:1px solid #ddd;margin:4px}</style></head><body>",
-        f"<h1>Evaluation of {e(str(run_dir))}</h1>",
-        f"<p>{results['users']} held-out users ({e(results['split'])} split), K={k}, mode={e(results['mode'])}. "
-        "hr@1 is divided by all prompts (S-DPO's convention); valid_rate gives LLaRA's denominator.</p>",
-        "<h2>Metrics</h2><table><tr><th></th>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>",
-    ]
-    for name, v in entries:
-        cls = " class='llm'" if "(LLM)" in name else ""
-        h.append(f"<tr{cls}><td>{e(name)}</td>" + "".join(f"<td>{_fmt(v.get(c))}</td>" for c in cols) + "</tr>")
-    h.append("</table>")
-    if summary:
-        h.append("<ul>" + "".join(f"<li>{e(line)}</li>" for line in summary) + "</ul>")
-    if results["cold_start"]["users"]:
-        h.append(
-            f"<h2>Cold-start users ({results['cold_start']['users']})</h2><table><tr><th></th><th>valid_rate</th>"
-            f"<th>hr@{k}</th><th>ndcg@{k}</th><th>true_utility</th></tr>"
-        )
-        for group in ("stages", "baselines"):
-            for name, v in results["cold_start"][group].items():
-                h.append(
-                    f"<tr><td>{e(name)}</td><td>{_fmt(v.get('valid_rate'))}</td><td>{_fmt(v.get(f'hr@{k}'))}</td>"
-                    f"<td>{_fmt(v.get(f'ndcg@{k}'))}</td><td>{_fmt(v.get('true_utility'))}</td></tr>"
-                )
-        h.append("</table>")
-    h.append("<h2>Plots</h2>" + "".join(f"<img src='{e(p)}' alt='{e(p)}'>" for p in plots))
-    h.append("<h2>Example listings</h2>")
-    for j, row in enumerate(ctx.rows[: max((len(v) for v in examples.values()), default=0)]):
-        hist = "; ".join(ctx.catalog[i].display for i in row["history_ids"][-8:] if i in ctx.catalog)
-        h.append(f"<h3>User {e(str(row['user_id']))}</h3><p><b>History:</b> {e(hist)}</p><div class='ex'>")
-        for stage, texts in examples.items():
-            if j < len(texts):
-                h.append(f"<div><b>{e(stage)}</b><pre>{e(texts[j]) or '(empty output)'}</pre></div>")
-        h.append("</div>")
-    if results.get("notes"):
-        h.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in results["notes"]) + "</ul>")
-    h.append("</body></html>")
-    (out / "report.html").write_text("\n".join(h))
+    view = {
+        "title": f"Evaluation of {run.root}",
+        "results": results,
+        "k": k,
+        "cols": cols,
+        "rows": [(name, "(LLM)" in name, [_fmt(v.get(c)) for c in cols]) for name, v in entries],
+        "summary": describe_eval(results),
+        "comparisons": _comparison_rows(results),
+        "terms": _term_rows(results),
+        "cold": cold,
+        "plots": _plots(run, results),
+        "examples": _examples(users, examples),
+        "notes": results.get("notes") or [],
+    }
+    env = Environment(
+        loader=PackageLoader("rlhf", "templates"),
+        autoescape=select_autoescape(["html"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    run.eval.report_md.write_text(env.get_template("report.md.j2").render(**view))
+    run.eval.report_html.write_text(env.get_template("report.html.j2").render(**view))

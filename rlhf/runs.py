@@ -1,4 +1,16 @@
-"""The run directory contract: where each stage's artifacts live, and clear errors when one is missing."""
+"""The run directory: the only place that knows its layout. Every stage reads and writes artifacts through it.
+
+    runs/<name>/
+      config.yaml           the run's resolved config (every section; each stage rewrites its own)
+      data/                 catalog, interactions, splits, meta, summary, sft/, pairs/, prompts/
+      sft/                  adapter/, merged/, samples.jsonl, metrics.json, log.jsonl
+      reward/               model/, adapter/, metrics.json, log.jsonl
+      ppo/                  adapter/, checkpoints/, metrics.jsonl, rollouts.jsonl, samples.jsonl, summary.json
+      eval/                 metrics.json, listings.jsonl, report.md, report.html, plots/
+      labels/round-NNN/     batch.jsonl, provenance.jsonl, manifest.json, judgments.jsonl, pairs.parquet, summary.json
+
+A missing input is a ``MissingInput`` that names the command making it (``RunDir.need``).
+"""
 
 from __future__ import annotations
 
@@ -16,56 +28,175 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a fsynced temporary file and a rename: readers see the old file or the
+    new one, never half of one."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a temporary file of its own per writer: two processes saving the same file at once must not share one
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+    return path
+
+
 class MissingInput(FileNotFoundError):
     """A stage's input is absent; the message names the command that makes it."""
 
 
+class _Part:
+    """One stage's folder; subclasses name its files."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+
+
+class DataFiles(_Part):
+    meta = property(lambda self: self.dir / "meta.json")
+    summary = property(lambda self: self.dir / "summary.json")
+    catalog = property(lambda self: self.dir / "catalog.jsonl")
+    interactions = property(lambda self: self.dir / "interactions.parquet")
+    splits = property(lambda self: self.dir / "splits.jsonl")
+    pairs_dir = property(lambda self: self.dir / "pairs")
+
+    def sft(self, split: str) -> Path:
+        return self.dir / "sft" / f"{split}.parquet"
+
+    def prompts(self, split: str) -> Path:
+        return self.dir / "prompts" / f"{split}.parquet"
+
+    def pairs(self, source: str) -> Path:
+        return self.pairs_dir / f"{source}.parquet"
+
+
+class SFTFiles(_Part):
+    adapter = property(lambda self: self.dir / "adapter")
+    merged = property(lambda self: self.dir / "merged")
+    samples = property(lambda self: self.dir / "samples.jsonl")
+    metrics = property(lambda self: self.dir / "metrics.json")
+    log = property(lambda self: self.dir / "log.jsonl")
+    trainer = property(lambda self: self.dir / "trainer")
+
+
+class RewardFiles(_Part):
+    model = property(lambda self: self.dir / "model")
+    adapter = property(lambda self: self.dir / "adapter")
+    metrics = property(lambda self: self.dir / "metrics.json")
+    log = property(lambda self: self.dir / "log.jsonl")
+    trainer = property(lambda self: self.dir / "trainer")
+
+
+class PPOFiles(_Part):
+    adapter = property(lambda self: self.dir / "adapter")
+    checkpoints = property(lambda self: self.dir / "checkpoints")
+    metrics = property(lambda self: self.dir / "metrics.jsonl")
+    rollouts = property(lambda self: self.dir / "rollouts.jsonl")
+    samples = property(lambda self: self.dir / "samples.jsonl")
+    summary = property(lambda self: self.dir / "summary.json")
+    trainer = property(lambda self: self.dir / "trainer")
+
+
+class EvalFiles(_Part):
+    metrics = property(lambda self: self.dir / "metrics.json")
+    listings = property(lambda self: self.dir / "listings.jsonl")
+    report_md = property(lambda self: self.dir / "report.md")
+    report_html = property(lambda self: self.dir / "report.html")
+    plots = property(lambda self: self.dir / "plots")
+
+
+class RoundFiles(_Part):
+    batch = property(lambda self: self.dir / "batch.jsonl")
+    provenance = property(lambda self: self.dir / "provenance.jsonl")
+    manifest = property(lambda self: self.dir / "manifest.json")
+    judgments = property(lambda self: self.dir / "judgments.jsonl")
+    pairs = property(lambda self: self.dir / "pairs.parquet")
+    summary = property(lambda self: self.dir / "summary.json")
+
+
+def round_name(round_no: int) -> str:
+    return f"round-{round_no:03d}"
+
+
+class LabelFiles(_Part):
+    def round(self, round_no: int) -> RoundFiles:
+        return RoundFiles(self.dir / round_name(round_no))
+
+    def imported_pairs(self) -> list[Path]:
+        """Every imported round's pairs, in round order."""
+        return sorted(self.dir.glob("round-*/pairs.parquet"))
+
+
+# the command that makes each part, for MissingInput messages
 MAKERS = {
     "data": "rlhf data prepare --out {run}",
     "sft": "rlhf sft --run {run}",
     "reward": "rlhf reward --run {run}",
     "ppo": "rlhf ppo --run {run}",
+    "eval": "rlhf eval --run {run}",
+    "labels": "rlhf label export --run {run} --round N",
 }
 
 
 class RunDir:
     def __init__(self, path):
         self.root = Path(path)
+        self.config = self.root / "config.yaml"
+        self.pipeline = self.root / "pipeline.json"
+        self.data = DataFiles(self.root / "data")
+        self.sft = SFTFiles(self.root / "sft")
+        self.reward = RewardFiles(self.root / "reward")
+        self.ppo = PPOFiles(self.root / "ppo")
+        self.eval = EvalFiles(self.root / "eval")
+        self.labels = LabelFiles(self.root / "labels")
 
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    def require(self, stage: str, path: Path) -> Path:
-        if not path.exists():
-            raise MissingInput(f"{path} is missing; make it with: {MAKERS[stage].format(run=self.root)}")
-        return path
+    def need(self, path: Path) -> Path:
+        """``path`` when it exists; otherwise a MissingInput naming the command that makes it."""
+        path = Path(path)
+        if path.exists():
+            return path
+        try:
+            part = path.relative_to(self.root).parts[0]
+        except ValueError:
+            part = ""
+        maker = MAKERS.get(part)
+        hint = f"; make it with: {maker.format(run=self.root)}" if maker else ""
+        raise MissingInput(f"{path} is missing{hint}")
 
     def meta(self) -> dict:
-        return json.loads(self.require("data", self.data / "meta.json").read_text())
+        return json.loads(self.need(self.data.meta).read_text())
 
     def summary(self) -> dict:
         """What the data stage counted (users, items, interactions, rows per artifact)."""
-        return json.loads(self.require("data", self.data / "summary.json").read_text())
+        return json.loads(self.need(self.data.summary).read_text())
 
     def catalog(self):
         from rlhf.catalog import Catalog
 
-        return Catalog.load_jsonl(self.require("data", self.data / "catalog.jsonl"))
+        return Catalog.load_jsonl(self.need(self.data.catalog))
 
-    def rows(self, relative: str) -> list[dict]:
+    def rows(self, path: Path) -> list[dict]:
+        """The rows of one of the data stage's parquet files (an empty set is a file with a lone 'empty' column)."""
         import pyarrow.parquet as pq
 
-        path = self.require("data", self.data / relative)
-        table = pq.read_table(path)
+        table = pq.read_table(self.need(path))
         return [] if table.column_names == ["empty"] else table.to_pylist()
 
     def done(self, stage: str) -> bool:
         marker = {
-            "data": self.data / "summary.json",
-            "sft": self.root / "sft" / "merged" / "config.json",
-            "reward": self.root / "reward" / "metrics.json",
-            "ppo": self.root / "ppo" / "adapter" / "adapter_config.json",
-            "eval": self.root / "eval" / "metrics.json",
+            "data": self.data.summary,
+            "sft": self.sft.merged / "config.json",
+            "reward": self.reward.metrics,
+            "ppo": self.ppo.adapter / "adapter_config.json",
+            "eval": self.eval.metrics,
         }[stage]
         return marker.exists()

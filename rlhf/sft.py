@@ -51,17 +51,18 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         resolve_model,
         torch_dtype,
     )
-    from rlhf.precision import base_dtype, resolve, trainable_in_fp32, trainer_precision
+    from rlhf.precision import base_dtype, resolve, trainable_in_fp32
+    from rlhf.trainer_args import shared_args
 
     run = RunDir(run_dir)
-    rows = run.rows("sft/train.parquet")
-    val_rows = run.rows("sft/val.parquet")
+    rows = run.rows(run.data.sft("train"))
+    val_rows = run.rows(run.data.sft("val"))
     if not rows:
-        raise ValueError(f"{run.data / 'sft/train.parquet'} has no examples; users need at least K+2 interactions")
+        raise ValueError(f"{run.data.sft('train')} has no examples; users need at least K+2 interactions")
     meta, catalog = run.meta(), run.catalog()
-    out = run_dir / "sft"
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run_dir, ["sft"])
+    out = run.sft
+    out.dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(cfg, run, ["model", "sft"])
     torch.manual_seed(cfg.run.seed)
 
     sc, mc = cfg.sft, cfg.model
@@ -76,27 +77,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     gen_tokens = sc.sample_max_new_tokens
     before_texts, before = _samples(model, tokenizer, sample_rows, catalog, meta["k"], gen_tokens)
 
-    args = SFTConfig(
-        output_dir=str(out / "trainer"),
-        max_steps=sc.max_steps,
-        num_train_epochs=sc.epochs,
-        per_device_train_batch_size=sc.batch_size,
-        gradient_accumulation_steps=sc.grad_accum,
-        learning_rate=sc.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, sc.max_steps // 10),
-        logging_steps=sc.logging_steps,
-        logging_first_step=True,
-        max_length=sc.max_length,
-        completion_only_loss=True,
-        save_strategy="no",
-        report_to="none",
-        seed=cfg.run.seed,
-        data_seed=cfg.run.seed,
-        dataloader_num_workers=0,
-        gradient_checkpointing=sc.gradient_checkpointing,
-        **trainer_precision(mc),
-    )
+    args = SFTConfig(completion_only_loss=True, **shared_args(sc, mc, out.trainer, cfg.run.seed))
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -109,21 +90,21 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     result = trainer.train()
     seconds = time.time() - t0
     logs = trainer.state.log_history
-    with open(out / "log.jsonl", "w") as f:
+    with open(out.log, "w") as f:
         for entry in logs:
             f.write(json.dumps(entry) + "\n")
 
     # the merge runs in float32 and sft/merged is saved in float32, whatever the compute dtype: each later
     # stage loads it in its own
     merged = gather_trained(
-        trainer, lambda p: load_causal_lm(p, "float32"), base_path, out / "adapter", out / "merged", mc.use_lora
+        trainer, lambda p: load_causal_lm(p, "float32"), base_path, out.adapter, out.merged, mc.use_lora
     )
     if merged is None:  # not the main process
         return {}
     merged = merged.to(torch_dtype(dtype))
 
     after_texts, after = _samples(merged, tokenizer, sample_rows, catalog, meta["k"], gen_tokens)
-    with open(out / "samples.jsonl", "w") as f:
+    with open(out.samples, "w") as f:
         for r, b, a in zip(sample_rows, before_texts, after_texts):
             f.write(
                 json.dumps({"user_id": r["user_id"], "target": r["completion"][0]["content"], "before": b, "after": a})
@@ -143,11 +124,11 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         "gpu_peak_gb": gpu_peak_gb(),
         "dtype": dtype,
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    out.metrics.write_text(json.dumps(metrics, indent=2))
     print(
         f"sft: {metrics['steps']} steps in {seconds:.0f}s, loss {metrics['first_loss']} -> {metrics['last_loss']}; "
         f"valid listings on {len(sample_rows)} held-out prompts: "
         f"{before['valid_rate']:.2f} -> {after['valid_rate']:.2f}"
     )
-    print(f"sft: wrote {out / 'adapter'} and {out / 'merged'}")
+    print(f"sft: wrote {out.adapter} and {out.merged}")
     return metrics

@@ -3,6 +3,7 @@ import yaml
 from conftest import TINY
 
 from rlhf.config import ConfigError, load_config, save_resolved
+from rlhf.runs import RunDir
 
 
 def test_recipe_and_overrides_merge(tmp_path):
@@ -54,9 +55,9 @@ def test_bad_yaml_and_unknown_section(tmp_path):
 
 def test_resolved_config_is_merged_per_stage(tmp_path):
     cfg = load_config(TINY, ["sft.max_steps=3"])
-    save_resolved(cfg, tmp_path, ["sft"])
+    save_resolved(cfg, RunDir(tmp_path), ["sft"])
     cfg2 = load_config(TINY, ["reward.max_steps=9"])
-    save_resolved(cfg2, tmp_path, ["reward"])
+    save_resolved(cfg2, RunDir(tmp_path), ["reward"])
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["sft"]["max_steps"] == 3 and saved["reward"]["max_steps"] == 9
     assert saved["model"]["name"] == "tiny"

@@ -7,10 +7,10 @@ from conftest import read_jsonl
 
 from rlhf import baselines
 from rlhf.catalog import Catalog
+from rlhf.data.simulator import Simulator
+from rlhf.data.splits import sequences, split_users
 from rlhf.metrics import hit_rate
 from rlhf.prompts import PromptBuilder, sanitize
-from rlhf.simulator import Simulator
-from rlhf.splits import sequences, split_users
 
 
 def test_simulator_is_deterministic_and_utility_orders_lists():

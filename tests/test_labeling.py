@@ -379,10 +379,10 @@ def test_sigkill_mid_round_then_restart(label_run, tmp_path):
 def _listing_batch(run: Path, round_no: int, hostile: str | None = None) -> None:
     """A round whose candidates are real listings: the user's best films by true utility vs their worst."""
     from rlhf.catalog import Catalog
+    from rlhf.data.simulator import Simulator
     from rlhf.labeling.batch import _history
     from rlhf.listing import render
     from rlhf.runs import RunDir
-    from rlhf.simulator import Simulator
 
     r = RunDir(run)
     meta, catalog = r.meta(), Catalog.load_jsonl(run / "data/catalog.jsonl")
@@ -390,7 +390,7 @@ def _listing_batch(run: Path, round_no: int, hostile: str | None = None) -> None
     out = run / "labels" / f"round-{round_no:03d}"
     out.mkdir(parents=True)
     rows, prov = [], []
-    for i, p in enumerate(r.rows("prompts/val.parquet")[:6]):
+    for i, p in enumerate(r.rows(r.data.prompts("val"))[:6]):
         user = sim.user(p["user_id"])
         seen = set(p["history_ids"])
         ranked = [

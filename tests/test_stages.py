@@ -116,7 +116,7 @@ def test_composite_reward_through_trl_get_reward(tiny_reward):
     comp = for_run(run, {}, "float32")
     tok = comp.env.reward_model.tokenizer
     adapter = TRLRewardAdapter(comp, tok, comp.env.reward_model.model.config)
-    row = run.rows("prompts/train.parquet")[0]
+    row = run.rows(run.data.prompts("train"))[0]
     good = "1. Heat (1995) — crime like Heat\n2. Fargo (1996) — crime\n3. Zodiac (2007) — crime"
     bad = "1. Nothing Real (2099) — hm\n2. Nothing Real (2099) — hm"
     ctx = PromptContext.from_row(row)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from reward_models.terms import learned, rules
+from reward_models.terms import behaviour, learned, next_item, rules
 
 Term = Callable[[list, list[str], list["PromptContext"]], list[float]]
 
@@ -29,12 +29,19 @@ class PromptContext:
     candidate_ids: list = field(default_factory=list)
     user_id: str | None = None
     shown: list | None = None  # (item id, rating) pairs the prompt showed; None where it showed none
+    future_ids: list = field(default_factory=list)  # training prompts: what the user consumed next
+    history_ratings: list | None = None  # one rating (or None) per history item, where the data has ratings
 
     @classmethod
     def from_row(cls, row: dict) -> PromptContext:
         """From a prompt row of the data stage (prompts/*.parquet)."""
         return cls(
-            list(row["history_ids"]), list(row.get("candidate_ids") or []), row.get("user_id"), rules.shown_pairs(row)
+            list(row["history_ids"]),
+            list(row.get("candidate_ids") or []),
+            row.get("user_id"),
+            rules.shown_pairs(row),
+            list(row.get("future_ids") or []),
+            list(row["history_ratings"]) if row.get("history_ratings") is not None else None,
         )
 
 
@@ -45,6 +52,8 @@ class RewardEnv:
     catalog: object
     k: int
     reward_model: object = None  # a learned.LearnedScore
+    behaviour: object = None  # a behaviour.BehaviourModel fit on the run's training interactions
+    behaviour_power: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,12 @@ class TermSpec:
 
 TERMS: dict[str, TermSpec] = {
     "learned": TermSpec(1.0, "the learned reward model's score on (prompt, listing)", builder=learned.term),
+    "behaviour": TermSpec(
+        0.0, "DCG of the listed items' percentiles in the user's behaviour-model ranking", builder=behaviour.term
+    ),
+    "next_item": TermSpec(
+        0.0, "training prompts: NDCG@K of the listing against the user's next items", builder=next_item.term
+    ),
     "parses": TermSpec(1.0, "the response is a list at all", rules.parses),
     "has_k": TermSpec(1.0, "the list has exactly K items", rules.has_k),
     "in_catalog": TermSpec(1.0, "share of distinct items grounded in the catalog", rules.in_catalog),

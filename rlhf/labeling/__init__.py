@@ -15,13 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
-def round_dir(run_dir: Path, round_no: int) -> Path:
-    return Path(run_dir) / "labels" / f"round-{round_no:03d}"
+from rlhf.runs import RoundFiles, RunDir
 
 
-def round_name(round_no: int) -> str:
-    return f"round-{round_no:03d}"
+def round_files(run_dir: Path, round_no: int) -> RoundFiles:
+    return RunDir(run_dir).labels.round(round_no)
 
 
 def run_label(cfg, run_dir: Path, args) -> None:
@@ -31,10 +29,10 @@ def run_label(cfg, run_dir: Path, args) -> None:
     if not 1 <= args.round <= 999:
         raise ConfigError(f"--round {args.round}: rounds are numbered 1 to 999")
     if args.action == "export":
-        from rlhf.labeling.batch import run_export
+        from rlhf.labeling.batch import export_round
 
-        save_resolved(cfg, run_dir, ["label"])
-        run_export(cfg, run_dir, args.round)
+        save_resolved(cfg, RunDir(run_dir), ["label"])
+        export_round(cfg, run_dir, args.round)
     elif args.action == "serve":
         from rlhf.labeling.server import run_serve
 

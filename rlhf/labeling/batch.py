@@ -1,6 +1,6 @@
 """A round's batch: held-out prompts, each with 2-4 sampled candidate listings in a shuffled order.
 
-`run_export` writes it; `Batch.load` reads it back for the server, the simulator and import. Which stage
+`export_round` writes it; `Batch.load` reads it back for the server, the simulator and import. Which stage
 wrote a candidate is kept apart in provenance.jsonl so labelers judge the lists, not their source.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from rlhf.interactions import DataError
-from rlhf.labeling import round_dir, round_name
-from rlhf.runs import MissingInput, RunDir
+from rlhf.labeling import round_files
+from rlhf.runs import MissingInput, RunDir, atomic_write, round_name
 
 SPECIAL = ("tie", "both_bad")
 # where each stage's weights live (the base model by name, trained stages in the run directory)
 WEIGHTS = {
-    "base": lambda run_dir, cfg: cfg.model.name,
-    "sft": lambda run_dir, cfg: run_dir / "sft" / "merged",
-    "ppo": lambda run_dir, cfg: run_dir / "ppo" / "adapter",
+    "base": lambda run, cfg: cfg.model.name,
+    "sft": lambda run, cfg: run.sft.merged,
+    "ppo": lambda run, cfg: run.ppo.adapter,
 }
 
 
@@ -38,7 +37,7 @@ class Batch:
 
     @classmethod
     def load(cls, run_dir: Path, round_no: int) -> Batch:
-        path = round_dir(run_dir, round_no) / "batch.jsonl"
+        path = round_files(run_dir, round_no).batch
         if not path.exists():
             raise MissingInput(f"{path} is missing; make it with: rlhf label export --run {run_dir} --round {round_no}")
         rows = []
@@ -90,34 +89,25 @@ def _digest(path: Path) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def run_export(cfg, run_dir: Path, round_no: int) -> dict:
+def export_round(cfg, run_dir: Path, round_no: int) -> dict:
     """Sample ``label.prompts`` held-out prompts and ``label.candidates`` sampled listings for each."""
     from rlhf.generation import generate
     from rlhf.models import load_stage
     from rlhf.precision import resolve
 
     lc, run = cfg.label, RunDir(run_dir)
-    out = round_dir(run_dir, round_no)
-    judged = out / "judgments.jsonl"
+    out = round_files(run_dir, round_no)
+    judged = out.judgments
     if judged.exists() and judged.stat().st_size > 0:
         raise DataError(
             f"{judged} already holds judgments; export round {round_no} again would orphan them. "
             f"Use a new round number (--round {round_no + 1})."
         )
     catalog = run.catalog()
-    rows = run.rows(f"prompts/{lc.split}.parquet")
+    rows = run.rows(run.data.prompts(lc.split))
     rows = [r for r in rows if r["history_ids"]]
     if not rows:
-        raise DataError(f"{run.data / 'prompts' / (lc.split + '.parquet')}: no held-out prompts with a history")
+        raise DataError(f"{run.data.prompts(lc.split)}: no held-out prompts with a history")
     seed = cfg.run.seed * 1000 + round_no
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(len(rows), size=min(lc.prompts, len(rows)), replace=False).tolist())
@@ -193,9 +183,9 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
     for b in batch_rows:
         b["batch_id"] = batch_id
 
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "batch.jsonl", "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in batch_rows))
-    _atomic_write(out / "provenance.jsonl", "".join(json.dumps(p) + "\n" for p in prov_rows))
+    out.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out.batch, "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in batch_rows))
+    atomic_write(out.provenance, "".join(json.dumps(p) + "\n" for p in prov_rows))
     manifest = {
         "round": round_no,
         "batch_id": batch_id,
@@ -209,17 +199,16 @@ def run_export(cfg, run_dir: Path, round_no: int) -> dict:
         "base_model": cfg.model.name,
         "stages": {
             s: {
-                "path": str(WEIGHTS[s](run_dir, cfg)),
-                "digest": None if s == "base" else _digest(WEIGHTS[s](run_dir, cfg)),
+                "path": str(WEIGHTS[s](run, cfg)),
+                "digest": None if s == "base" else _digest(WEIGHTS[s](run, cfg)),
             }
             for s in stages
         },
         "notes": notes,
     }
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=2))
+    atomic_write(out.manifest, json.dumps(manifest, indent=2))
     print(
-        f"label export: {len(batch_rows)} prompts x {lc.candidates} candidates from {', '.join(stages)} "
-        f"-> {out / 'batch.jsonl'}"
+        f"label export: {len(batch_rows)} prompts x {lc.candidates} candidates from {', '.join(stages)} -> {out.batch}"
     )
     for n in notes:
         print(f"label export: note: {n}")

@@ -20,8 +20,9 @@ from collections import Counter, defaultdict
 from itertools import combinations
 from pathlib import Path
 
-from rlhf.labeling import round_dir, round_name
+from rlhf.labeling import round_files
 from rlhf.labeling.batch import SPECIAL, Batch
+from rlhf.runs import round_name
 
 
 def read_judgments(path: Path) -> tuple[list[dict], Counter]:
@@ -64,18 +65,18 @@ def fleiss_kappa(tables: list[Counter]) -> float | None:
 
 
 def run_import(cfg, run_dir: Path, round_no: int) -> dict:
-    from rlhf.prepare import _write
+    from rlhf.data.prepare import _write
 
-    out = round_dir(run_dir, round_no)
+    out = round_files(run_dir, round_no)
     batch = Batch.load(run_dir, round_no)
-    prov_path = out / "provenance.jsonl"
+    prov_path = out.provenance
     prov = {}
     if prov_path.exists():
         prov = {
             p["prompt_id"]: p["candidates"]
             for p in (json.loads(line) for line in prov_path.read_text().splitlines() if line.strip())
         }
-    records, counts = read_judgments(out / "judgments.jsonl")
+    records, counts = read_judgments(out.judgments)
     counts["read"] = len(records)
     keys, decided = set(), {}
     for r in records:
@@ -140,7 +141,7 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
                     ),
                 }
             )
-    _write(pairs, out / "pairs.parquet")
+    _write(pairs, out.pairs)
     per_labeler = Counter(j["labeler"] for j in decided.values())
     summary = {
         "round": round_no,
@@ -159,10 +160,10 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
         },
         "stage_wins": dict(stage_wins),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    out.summary.write_text(json.dumps(summary, indent=2))
     print(
         f"label import: {counts['used']} judgments ({counts['duplicate']} duplicates dropped) from "
-        f"{len(per_labeler)} labelers -> {len(pairs)} pairs in {out / 'pairs.parquet'} (source {source})"
+        f"{len(per_labeler)} labelers -> {len(pairs)} pairs in {out.pairs} (source {source})"
     )
     if stage_wins:
         print(f"label import: stage wins {dict(stage_wins)}")

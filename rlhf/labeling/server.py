@@ -28,7 +28,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from rlhf.config import ConfigError
-from rlhf.labeling import round_dir
+from rlhf.labeling import round_files
 from rlhf.labeling.batch import Batch
 from rlhf.labeling.store import JudgmentError, JudgmentStore
 
@@ -187,7 +187,7 @@ def run_serve(cfg, run_dir: Path, round_no: int, token: str | None = None, token
         if len(tok) < MIN_TOKEN:
             raise ConfigError(f"--token must be at least {MIN_TOKEN} characters")
         tokens = {tok: "labeler"}
-    store = JudgmentStore(round_dir(run_dir, round_no) / "judgments.jsonl", batch)
+    store = JudgmentStore(round_files(run_dir, round_no).judgments, batch)
     if store.recovered_bytes:
         print(f"label serve: cut {store.recovered_bytes} bytes of an unfinished last line (never acknowledged)")
     shown_host = f"[{lc.host}]" if ":" in lc.host else lc.host

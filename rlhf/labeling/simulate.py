@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhf.interactions import DataError
-from rlhf.labeling import round_dir
+from rlhf.labeling import round_files
 from rlhf.labeling.batch import Batch
 from rlhf.labeling.store import JudgmentError, JudgmentStore
 from rlhf.runs import RunDir
@@ -32,21 +32,21 @@ def choose(utilities: list[float], grounded: list[int], noise: float, rng: np.ra
 
 
 def run_simulate(cfg, run_dir: Path, round_no: int) -> dict:
+    from rlhf.data.simulator import Simulator
     from rlhf.labeling.importer import run_import
     from rlhf.listing import parse_and_ground
-    from rlhf.simulator import Simulator
 
     run, lc = RunDir(run_dir), cfg.label
     meta = run.meta()
     if meta.get("simulator_seed") is None:
         raise DataError(
-            f"{run.data / 'meta.json'}: this run's data has no simulator; `rlhf label simulate` needs "
+            f"{run.data.meta}: this run's data has no simulator; `rlhf label simulate` needs "
             "data.source=builtin (people label other data with `rlhf label serve`)"
         )
     catalog = run.catalog()
     sim = Simulator(catalog, seed=meta["simulator_seed"])
     batch = Batch.load(run_dir, round_no)
-    store = JudgmentStore(round_dir(run_dir, round_no) / "judgments.jsonl", batch)
+    store = JudgmentStore(round_files(run_dir, round_no).judgments, batch)
     stored = repeated = kept = 0
     try:
         for n in range(lc.labelers):

@@ -103,10 +103,6 @@ class UserSplit:
         return self.seqs.events(self.cut, self.stop)
 
     @property
-    def history_len(self) -> int:
-        return self.cut - self.start
-
-    @property
     def seen(self) -> set[str]:
         return {self.seqs.item_ids[c] for c in self.seqs.items[self.start : self.cut]}
 

@@ -20,11 +20,12 @@ import pyarrow.parquet as pq
 
 from rlhf import baselines
 from rlhf.catalog import Catalog
+from rlhf.data.splits import UserSplit, is_positive, sequences, split_users, train_pairs
 from rlhf.explain import explain
 from rlhf.interactions import SkipLog, load_source
 from rlhf.listing import render
 from rlhf.prompts import PromptBuilder
-from rlhf.splits import UserSplit, is_positive, sequences, split_users, train_pairs
+from rlhf.runs import RunDir
 
 NOUNS = {"builtin": "films", "movielens-100k": "films", "movielens": "films", "goodbooks": "books"}
 
@@ -41,7 +42,7 @@ def _write(rows: list[dict], path: Path) -> int:
     return len(rows)
 
 
-class _Context:
+class BuildEnv:
     """What every builder below needs: the catalog, prompt builder, retriever, config."""
 
     def __init__(self, cfg, catalog: Catalog, builder: PromptBuilder, retriever, rng):
@@ -72,7 +73,7 @@ def _recent(events, n):
     return events[-n:] if n else events
 
 
-def build_sft(ctx: _Context, users: list[UserSplit]) -> list[dict]:
+def build_sft(ctx: BuildEnv, users: list[UserSplit]) -> list[dict]:
     """Prompt = a training user's earlier history; target = the best-rated positives among their next 2K
     interactions, filled with the retriever's picks (or, in rerank mode, the remaining candidates) up to
     K only when there are too few. A wide window keeps targets personal rather than retriever-popular."""
@@ -100,7 +101,7 @@ def build_sft(ctx: _Context, users: list[UserSplit]) -> list[dict]:
     return rows
 
 
-def build_prompts(ctx: _Context, users: list[UserSplit]) -> list[dict]:
+def build_prompts(ctx: BuildEnv, users: list[UserSplit]) -> list[dict]:
     rows = []
     for u in users:
         events = u.history  # built once per user from the sequence arrays
@@ -136,7 +137,7 @@ def _pair(ctx, prompt_hist, chosen, rejected, source, user_id, cands=None, **pro
     }
 
 
-def build_rating_pairs(ctx: _Context, users: list[UserSplit]) -> list[dict]:
+def build_rating_pairs(ctx: BuildEnv, users: list[UserSplit]) -> list[dict]:
     """Higher- vs lower-rated continuations of the same history (same length, rating gap >= 1)."""
     rows = []
     for u in users:
@@ -172,7 +173,7 @@ def build_rating_pairs(ctx: _Context, users: list[UserSplit]) -> list[dict]:
     return rows
 
 
-def build_click_pairs(ctx: _Context, table: pa.Table, seqs: dict, train_users: set[str]) -> list[dict]:
+def build_click_pairs(ctx: BuildEnv, table: pa.Table, seqs: dict, train_users: set[str]) -> list[dict]:
     """Per impression with clicks and skips: the list led by clicked items beats the list led by skipped ones."""
     mask = pc.fill_null(pc.is_in(table.column("event"), value_set=pa.array(["impression", "click"])), False)
     if not pc.any(mask).as_py():
@@ -225,7 +226,7 @@ def _strategy_list(name, ctx, sim, user, history_ids, k, rng):
     return (good * k)[:k]  # duplicates
 
 
-def build_sim_pairs(ctx: _Context, sim, users: list[UserSplit], n_pairs: int, noise: float) -> list[dict]:
+def build_sim_pairs(ctx: BuildEnv, sim, users: list[UserSplit], n_pairs: int, noise: float) -> list[dict]:
     """Simulated labelers compare two lists from different strategies (Bradley-Terry on true utility)."""
     rows, k, rng = [], ctx.cfg.k, ctx.rng
     if not users:
@@ -263,7 +264,7 @@ def build_sim_pairs(ctx: _Context, sim, users: list[UserSplit], n_pairs: int, no
 def _filter_users(table: pa.Table, cfg, skips: SkipLog, rng) -> pa.Table:
     """Keep users with at least data.min_history consumption events (and at most data.max_users of them),
     working on Arrow columns so no per-row Python objects exist before the table is small."""
-    from rlhf.splits import CONSUMPTION
+    from rlhf.data.splits import CONSUMPTION
 
     consumed = table.filter(pc.is_in(table.column("event"), pa.array(CONSUMPTION)))
     counts = consumed.group_by("user_id").aggregate([("item_id", "count")])
@@ -282,8 +283,8 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
     """Run the whole data stage; returns the summary that is also written to data/summary.json."""
     from rlhf.models import load_tokenizer
 
-    data_dir = run_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
+    files = RunDir(run_dir).data
+    files.dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     skips = SkipLog()
     catalog, table = load_source(cfg, skips)
@@ -311,12 +312,12 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         noun=NOUNS.get(cfg.source, "items"),
         max_prompt_tokens=cfg.max_prompt_tokens,
     )
-    ctx = _Context(cfg, catalog, builder, retriever, rng)
+    ctx = BuildEnv(cfg, catalog, builder, retriever, rng)
     by_role = {r: [u for u in splits if u.split == r] for r in ("train", "val", "test")}
 
-    catalog.save_jsonl(data_dir / "catalog.jsonl")
-    pq.write_table(table, data_dir / "interactions.parquet")
-    with open(data_dir / "splits.jsonl", "w") as f:
+    catalog.save_jsonl(files.catalog)
+    pq.write_table(table, files.interactions)
+    with open(files.splits, "w") as f:
         for u in splits:
             events = u.history  # built once per user from the sequence arrays
             f.write(
@@ -335,23 +336,23 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
             )
 
     counts = {
-        "sft/train": _write(build_sft(ctx, by_role["train"]), data_dir / "sft" / "train.parquet"),
-        "sft/val": _write(build_sft(ctx, by_role["val"]), data_dir / "sft" / "val.parquet"),
+        "sft/train": _write(build_sft(ctx, by_role["train"]), files.sft("train")),
+        "sft/val": _write(build_sft(ctx, by_role["val"]), files.sft("val")),
     }
     for role in ("train", "val", "test"):
-        counts[f"prompts/{role}"] = _write(build_prompts(ctx, by_role[role]), data_dir / "prompts" / f"{role}.parquet")
+        counts[f"prompts/{role}"] = _write(build_prompts(ctx, by_role[role]), files.prompts(role))
     pair_users = by_role["train"]
-    counts["pairs/ratings"] = _write(build_rating_pairs(ctx, pair_users), data_dir / "pairs" / "ratings.parquet")
+    counts["pairs/ratings"] = _write(build_rating_pairs(ctx, pair_users), files.pairs("ratings"))
     counts["pairs/clicks"] = _write(
-        build_click_pairs(ctx, table, seqs, {u.user_id for u in pair_users}), data_dir / "pairs" / "clicks.parquet"
+        build_click_pairs(ctx, table, seqs, {u.user_id for u in pair_users}), files.pairs("clicks")
     )
     if cfg.source == "builtin":
-        from rlhf.simulator import Simulator
+        from rlhf.data.simulator import Simulator
 
         sim = Simulator(catalog, seed=cfg.seed)
         counts["pairs/simulator"] = _write(
             build_sim_pairs(ctx, sim, pair_users, cfg.sim_label_pairs, cfg.sim_noise),
-            data_dir / "pairs" / "simulator.parquet",
+            files.pairs("simulator"),
         )
 
     meta = {
@@ -365,7 +366,7 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         "tokenizer": model_name,
         "max_prompt_tokens": builder.max_prompt_tokens,
     }
-    (data_dir / "meta.json").write_text(json.dumps(meta, indent=2))
+    files.meta.write_text(json.dumps(meta, indent=2))
     summary = {
         "users": len(seqs),
         "items": len(catalog),
@@ -376,5 +377,20 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         "rows": counts,
         "skipped": skips.to_dict(),
     }
-    (data_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    files.summary.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_data(cfg, run_dir: Path) -> dict:
+    """`rlhf data prepare`: the whole data stage, and what it made."""
+    from rlhf.config import save_resolved
+
+    save_resolved(cfg, RunDir(run_dir), ["run", "data"])
+    summary = prepare(cfg.data, cfg.model.name, run_dir)
+    skipped = summary["skipped"]["total"]
+    print(
+        f"data: {summary['users']} users, {summary['items']} items, {summary['interactions']} interactions; "
+        f"{skipped} rows skipped" + (f" ({json.dumps(summary['skipped']['counts'])})" if skipped else "")
+    )
+    print(f"data: wrote {RunDir(run_dir).data.dir} " + ", ".join(f"{k}={v}" for k, v in summary["rows"].items()))
     return summary

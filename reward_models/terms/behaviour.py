@@ -1,0 +1,143 @@
+"""The behaviour term: how well a listing suits this user, by a collaborative model fit on the run's training logs.
+
+``BehaviourModel`` wraps a classic item-item recommender (rlhf/baselines.py: item-kNN or EASE, or popularity) fit on
+the training users' interactions only, saved in the run (reward/behaviour.npz) by the reward stage. For a user's
+history it scores every catalog item as the sum of the history items' rows, each weighted by what the user thought
+of it: ``rating - RATING_CENTER`` where the history is rated (a 1/5 pushes its neighbours down, a 5/5 up), 1 where it
+is not. The classic baselines in eval weigh every history item 1; the ratings make the model more personal
+(bench/behaviour_probe.py). An unseen item's *percentile* is the share of the user's other unseen items that score
+below it (1.0 = the model's first choice for this user, 0.5 = a median item).
+
+The term is the position-weighted (DCG) mean percentile of the listing's first K entries, normalised to [0, 1]:
+``sum_r pct(item_r)^power / log2(r + 1)`` over the ideal ``sum_r 1 / log2(r + 1)``. Made-up titles, repeats and
+items the user already has earn nothing, so it also pays for validity. ``power`` > 1 sharpens it toward the top of
+the user's ranking (chosen by its correlation with true utility: bench/behaviour_probe.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from rlhf.listing import parse_and_ground
+
+RATING_CENTER = 3.0  # the middle of a 1-5 scale: ratings above it pull neighbours up, below it push them down
+
+
+def history_weights(ratings: list | None, n: int) -> list[float]:
+    """One weight per history item: rating - RATING_CENTER where rated, 1 where not (implicit feedback)."""
+    if not ratings:
+        return [1.0] * n
+    return [1.0 if r is None or math.isnan(r) else float(r) - RATING_CENTER for r in ratings]
+
+
+class BehaviourModel:
+    """Item scores for a history from a saved linear item-item model: ``weights @ matrix[history] + bias``."""
+
+    def __init__(self, name: str, item_ids: list[str], matrix: np.ndarray | None, bias: np.ndarray):
+        self.name, self.item_ids = name, list(item_ids)
+        self.index = {i: j for j, i in enumerate(self.item_ids)}
+        self.matrix, self.bias = matrix, bias.astype(np.float32)
+        self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def fit(cls, name: str, item_ids: list[str], pairs) -> BehaviourModel:
+        """Fit one of rlhf/baselines.py's recommenders on (user, item, rating) training triples."""
+        from rlhf import baselines
+
+        rec = baselines.make(name, item_ids, pairs)
+        if name == "ease":
+            return cls(name, item_ids, rec.B, rec.pop)
+        if name == "itemknn":
+            return cls(name, item_ids, rec.S, rec.pop)
+        if name == "popularity":
+            return cls(name, item_ids, None, rec.counts)
+        raise ValueError(f"behaviour model {name!r}: use ease, itemknn or popularity")
+
+    def save(self, path: Path) -> Path:
+        arrays = {"item_ids": np.array(self.item_ids, dtype=object), "bias": self.bias, "name": np.array(self.name)}
+        if self.matrix is not None:
+            arrays["matrix"] = self.matrix.astype(np.float32)
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> BehaviourModel:
+        with np.load(path, allow_pickle=True) as z:
+            matrix = z["matrix"] if "matrix" in z.files else None
+            return cls(str(z["name"]), list(z["item_ids"]), matrix, z["bias"])
+
+    def scores(self, history_ids: list[str], ratings: list | None = None) -> np.ndarray:
+        if self.matrix is None:
+            return self.bias.copy()
+        weights = history_weights(ratings, len(history_ids))
+        kept = [(self.index[i], w) for i, w in zip(history_ids, weights) if i in self.index]
+        if not kept:
+            return self.bias.copy()
+        rows, w = zip(*kept)
+        return np.asarray(w, dtype=np.float32) @ self.matrix[list(rows)] + self.bias
+
+    def percentiles(self, history_ids: list[str], ratings: list | None = None) -> np.ndarray:
+        """Per catalog item, its percentile among the user's unseen items (NaN for items already seen)."""
+        key = (tuple(history_ids), tuple(ratings or ()))
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        s = self.scores(history_ids, ratings).astype(np.float64)
+        seen = np.zeros(len(s), dtype=bool)
+        seen[[self.index[i] for i in history_ids if i in self.index]] = True
+        unseen = np.flatnonzero(~seen)
+        pct = np.full(len(s), np.nan)
+        if len(unseen) > 1:
+            order = np.argsort(s[unseen], kind="stable")
+            ranks = np.empty(len(unseen))
+            ranks[order] = np.arange(len(unseen))
+            pct[unseen] = ranks / (len(unseen) - 1)
+        elif len(unseen) == 1:
+            pct[unseen] = 1.0
+        self._cache[key] = pct
+        if len(self._cache) > 4096:
+            self._cache.popitem(last=False)
+        return pct
+
+
+def listing_value(
+    model: BehaviourModel, item_ids: list, history_ids: list[str], k: int, power: float = 1.0, ratings=None
+) -> float:
+    """DCG of the first K items' percentiles (to ``power``) over the ideal, in [0, 1]; None, repeats and seen
+    items earn nothing."""
+    pct = model.percentiles(history_ids, ratings)
+    got, used = 0.0, set()
+    for rank, item in enumerate(item_ids[:k], 1):
+        j = model.index.get(item) if item is not None else None
+        if j is None or item in used or math.isnan(pct[j]):
+            continue
+        used.add(item)
+        got += pct[j] ** power / math.log2(rank + 1)
+    return got / sum(1.0 / math.log2(r + 1) for r in range(1, k + 1))
+
+
+def score(env, prompts, completions, contexts) -> list[float]:
+    out = []
+    for text, ctx in zip(completions, contexts):
+        if ctx is None:
+            out.append(0.0)
+            continue
+        items = [e.item_id for e in parse_and_ground(text, env.catalog)]
+        out.append(
+            listing_value(env.behaviour, items, ctx.history_ids, env.k, env.behaviour_power, ctx.history_ratings)
+        )
+    return out
+
+
+def term(env):
+    """The run's behaviour model as a term, or None when the run has none."""
+    if env.behaviour is None:
+        return None
+    from functools import partial
+
+    return partial(score, env)
