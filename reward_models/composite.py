@@ -7,7 +7,6 @@ Weights are the recipe's ``ppo.reward_weights`` over the defaults in ``reward_mo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from reward_models.terms import DEFAULT_WEIGHTS, TERMS, PromptContext, RewardEnv
 from reward_models.terms.learned import LearnedScore
@@ -66,13 +65,18 @@ class CompositeReward:
         return [t - self.weights["learned"] * s for t, s in zip(scored.total, learned)]
 
 
-def for_run(run, weights: dict, dtype: str, reward_model: Path | None = None) -> CompositeReward:
-    """The composite of a run (a RunDir): its catalog and K, and its reward model, when one was trained, as the
-    learned term, loaded in ``dtype`` on this process's device."""
+def for_run(run, weights: dict, dtype: str, power: float = 1.0) -> CompositeReward:
+    """The composite of a run (a RunDir): its catalog and K, and what the reward stage made for it: the reward model
+    as the learned term (loaded in ``dtype`` on this process's device) and the behaviour model; ``power`` is the
+    behaviour term's (reward.behaviour_power)."""
+    from reward_models.terms.behaviour import BehaviourModel
     from rlhf.models import load_reward_model, load_tokenizer, on_device
 
-    path = Path(reward_model) if reward_model is not None else run.reward.model
-    learned = None
-    if path.exists():
+    learned = behaviour = None
+    if run.reward.model.exists():
+        path = run.reward.model
         learned = LearnedScore(on_device(load_reward_model(path, dtype)), load_tokenizer(str(path)))
-    return CompositeReward(RewardEnv(run.catalog(), run.meta()["k"], learned), weights)
+    if run.reward.behaviour.exists():
+        behaviour = BehaviourModel.load(run.reward.behaviour)
+    env = RewardEnv(run.catalog(), run.meta()["k"], learned, behaviour, power)
+    return CompositeReward(env, weights)

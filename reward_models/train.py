@@ -127,6 +127,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     if trained is None:  # not the main process
         return {}
     trained = trained.to(torch_dtype(dtype))
+    behaviour = _fit_behaviour(run, rc.behaviour_model)
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)
     train_acc = pairwise_accuracy(trained, tokenizer, train_ex[: rc.accuracy_on_train])
@@ -147,9 +148,23 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         "train_accuracy_sample": train_acc["overall"],
         "gpu_peak_gb": gpu_peak_gb(),
         "dtype": dtype,
+        "behaviour_model": behaviour,
     }
     out.metrics.write_text(json.dumps(metrics, indent=2))
     per = ", ".join(f"{s}={v['accuracy']:.3f} (n={v['n']})" for s, v in acc["by_source"].items())
     print(f"reward: {metrics['steps']} steps in {seconds:.0f}s; held-out accuracy {acc['overall']:.3f} [{per}]")
     print(f"reward: wrote {out.model}")
     return metrics
+
+
+def _fit_behaviour(run: RunDir, name: str) -> str | None:
+    """The behaviour term's model, fit on the run's training interactions and saved beside the reward model."""
+    from reward_models.terms.behaviour import BehaviourModel
+    from rlhf.data.splits import stored_training_triples
+
+    if name == "none":
+        run.reward.behaviour.unlink(missing_ok=True)
+        return None
+    item_ids = [it.item_id for it in run.catalog().items]
+    BehaviourModel.fit(name, item_ids, stored_training_triples(run.data.splits)).save(run.reward.behaviour)
+    return name

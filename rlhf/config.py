@@ -106,6 +106,14 @@ class DataConfig:
     holdout: int = _f(1, "leave-last-out: most recent interactions held out per user")
     mode: str = _f("generate", "generate: write K titles; rerank: pick K from candidates")
     num_candidates: int = _f(20, "rerank: candidates per prompt")
+    protocol: str = _f(
+        "retrieved",
+        "rerank candidates: retrieved = the retriever's own top N (a held-out item it missed is a miss; LlamaRec) "
+        "| random = the positive among N-1 random unseen items (LLaRA); training data is built the same way",
+    )
+    windows: int = _f(
+        4, "windows over each training user's history: SFT examples, RL prompts and rating pairs per user"
+    )
     retriever: str = _f("ease", "rerank: ease | itemknn | popularity | random")
     k: int = _f(5, "items per listing")
     positive_rating: float = _f(4.0, "ratings at or above count as positives (explicit feedback)")
@@ -122,6 +130,9 @@ class DataConfig:
             "data.source", self.source, ("builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic")
         )
         _choice("data.mode", self.mode, ("generate", "rerank"))
+        _choice("data.protocol", self.protocol, ("retrieved", "random"))
+        if self.windows < 1:
+            raise ConfigError(f"data.windows must be >= 1, got {self.windows}")
         _choice("data.retriever", self.retriever, ("ease", "itemknn", "popularity", "random"))
         _choice("data.split", self.split, ("leave-last-out", "temporal"))
         if self.source != "builtin" and not self.path:
@@ -199,10 +210,16 @@ class RewardConfig(TrainCommon):
     use_margin: bool = _f(False, "use the pair's margin field in the loss")
     learning_rate: float = _f(3e-4, "peak learning rate")
     max_length: int = _f(448, "max tokens of prompt + response")
+    behaviour_model: str = _f(
+        "itemknn",
+        "the behaviour term's model, fit on the training interactions: itemknn | ease | popularity | none",
+    )
+    behaviour_power: float = _f(1.0, "the behaviour term credits each item's percentile to this power (>1: the top)")
 
     def __post_init__(self):
         self._check_common("reward")
         _choice("reward.init", self.init, ("auto", "sft", "base"))
+        _choice("reward.behaviour_model", self.behaviour_model, ("itemknn", "ease", "popularity", "none"))
         bad = set(self.sources) - {"ratings", "clicks", "simulator", "labels"}
         if bad:
             raise ConfigError(f"reward.sources has unknown {sorted(bad)}; use ratings, clicks, simulator, labels")

@@ -11,7 +11,6 @@ merged, in the resolved compute dtype. Every later stage is compared with SFT an
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -58,9 +57,9 @@ class HeldOutUsers:
 
     def fit_pairs(self):
         """(user, item, rating) of every training history, streamed afresh for each baseline fit."""
-        for u in self._split_rows():
-            for h in u["history"]:
-                yield u["user_id"], h[0], h[2] if h[2] is not None else math.nan
+        from rlhf.data.splits import stored_training_triples
+
+        return stored_training_triples(self.run.data.splits)
 
     def pop_percentile(self, item_id: str) -> float:
         c = self.popularity.get(item_id, 0)
@@ -184,6 +183,21 @@ def baseline_lists(users: HeldOutUsers, k: int) -> dict[str, list[list]]:
         ]
         rng = np.random.default_rng(0)
         out["random_order"] = [list(rng.permutation(r["candidate_ids"]))[:k] for r in users.rows]
+    if users.run.reward.behaviour.exists():  # the reward's own teacher, so a policy that only copies it is seen
+        out["behaviour_model"] = _behaviour_lists(users, k, rerank)
+    return out
+
+
+def _behaviour_lists(users: HeldOutUsers, k: int, rerank: bool) -> list[list]:
+    """The behaviour model's top K per user (its history weighted by the user's ratings, as the reward term reads)."""
+    from reward_models.terms.behaviour import BehaviourModel
+
+    model, out = BehaviourModel.load(users.run.reward.behaviour), []
+    for r in users.rows:
+        pct = model.percentiles(r["history_ids"], r.get("history_ratings"))
+        allowed = set(r["candidate_ids"]) if rerank else None
+        order = [model.item_ids[j] for j in np.argsort(-np.nan_to_num(pct, nan=-1.0), kind="stable")]
+        out.append([i for i in order if (allowed is None or i in allowed) and i not in r["history_ids"]][:k])
     return out
 
 
@@ -230,7 +244,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     save_resolved(cfg, run, ["eval"])
     torch.manual_seed(cfg.run.seed)
     dtype = resolve(cfg.model, "eval")
-    composite = for_run(run, cfg.ppo.reward_weights, dtype) if run.done("reward") else None
+    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power) if run.done("reward") else None
     cold = [j for j, r in enumerate(users.rows) if r["cold_start"]]
     results = {
         "k": k,

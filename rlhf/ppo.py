@@ -76,7 +76,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         policy = PPOPolicy(policy, lora_config(model_cfg))
     value_model = _value_model(rm_path, cfg, tokenizer.pad_token_id)
     reward = TRLRewardAdapter(
-        for_run(run, ppo_cfg.reward_weights, dtype, rm_path),
+        for_run(run, ppo_cfg.reward_weights, dtype, cfg.reward.behaviour_power),
         tokenizer,
         policy.config,
         truth=listing_truth(run.catalog(), run.meta()),

@@ -90,6 +90,7 @@ class SFTFiles(_Part):
 
 class RewardFiles(_Part):
     model = property(lambda self: self.dir / "model")
+    behaviour = property(lambda self: self.dir / "behaviour.npz")
     adapter = property(lambda self: self.dir / "adapter")
     metrics = property(lambda self: self.dir / "metrics.json")
     log = property(lambda self: self.dir / "log.jsonl")

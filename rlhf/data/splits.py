@@ -159,3 +159,16 @@ def train_pairs(splits: list[UserSplit]):
 
 def is_positive(rating: float, threshold: float) -> bool:
     return math.isnan(rating) or rating >= threshold
+
+
+def stored_training_triples(path):
+    """(user, item, rating) of every user's history as the data stage stored it (splits.jsonl: held-out items are
+    not in it), streamed one user at a time: what the baselines and the behaviour model are fit on."""
+    import json
+
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                u = json.loads(line)
+                for item, _, rating in u["history"]:
+                    yield u["user_id"], item, math.nan if rating is None else rating

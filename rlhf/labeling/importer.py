@@ -65,7 +65,7 @@ def fleiss_kappa(tables: list[Counter]) -> float | None:
 
 
 def run_import(cfg, run_dir: Path, round_no: int) -> dict:
-    from rlhf.data.prepare import _write
+    from rlhf.data.prepare import write_rows
 
     out = round_files(run_dir, round_no)
     batch = Batch.load(run_dir, round_no)
@@ -141,7 +141,7 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
                     ),
                 }
             )
-    _write(pairs, out.pairs)
+    write_rows(pairs, out.pairs)
     per_labeler = Counter(j["labeler"] for j in decided.values())
     summary = {
         "round": round_no,
