@@ -9,6 +9,17 @@ from __future__ import annotations
 
 import torch
 
+ASSISTANT_HEADER = "<|im_start|>assistant\n"
+
+
+def header_end(ids: list[int], header: list[int]) -> int | None:
+    """Index just past the last occurrence of ``header`` (the assistant turn's opening tokens) in ``ids``."""
+    h = len(header)
+    for start in range(len(ids) - h, -1, -1):
+        if ids[start : start + h] == header:
+            return start + h
+    return None
+
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from reward_models.composite import CompositeReward
+from reward_models.encoding import ASSISTANT_HEADER, header_end
 from reward_models.terms import PromptContext
-
-ASSISTANT_HEADER = "<|im_start|>assistant\n"
 
 
 class _Backbone(nn.Module):
@@ -59,13 +58,8 @@ class TRLRewardAdapter(nn.Module):
 
     def _split(self, ids: list[int]) -> tuple[tuple, list[int]]:
         """(prompt ids up to and including the last assistant header, response ids up to EOS)."""
-        h = len(self.header)
-        for start in range(len(ids) - h, -1, -1):
-            if ids[start : start + h] == self.header:
-                prompt, response = tuple(ids[: start + h]), ids[start + h :]
-                break
-        else:
-            prompt, response = tuple(ids), []
+        end = header_end(ids, self.header)
+        prompt, response = (tuple(ids), []) if end is None else (tuple(ids[:end]), ids[end:])
         eos = self.tokenizer.eos_token_id
         return prompt, response[: response.index(eos)] if eos in response else response
 

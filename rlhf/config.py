@@ -284,6 +284,11 @@ class PPOStageConfig:
         "sample rollouts from a copy of the policy with its LoRA adapter merged, refreshed every update (one more "
         "copy of the weights; generation ~2x faster on CPU than through the unmerged adapter)",
     )
+    constrained: bool = _f(
+        False,
+        "rollouts may write only allowed titles at item positions (the prompt's candidates in rerank mode, the "
+        "catalog otherwise), and every policy forward is masked the same way (rlhf/constrained.py)",
+    )
     rollout_logprobs: str = _f(
         "training",
         "where the old log-probabilities in PPO's ratio come from: training = a forward pass like the optimisation's "
@@ -327,6 +332,7 @@ class EvalConfig:
     batch_size: int = _f(16, "generation batch")
     max_new_tokens: int = _f(128, "generation budget per listing")
     do_sample: bool = _f(False, "sample (seeded) instead of greedy")
+    constrained: bool = _f(False, "item positions may hold only allowed titles (candidates, else the catalog)")
     num_examples: int = _f(4, "users whose listings appear in the report")
 
     def __post_init__(self):

@@ -307,6 +307,7 @@ def _eval_stage(users, stage, model, tokenizer, k, cfg, results, per_user, score
 
     ec = cfg.eval
     prompts = [r["prompt"] for r in users.rows]
+    constraints = _constraints(users, tokenizer) if ec.constrained else None
     t0 = time.time()
     texts = generate(
         model,
@@ -318,6 +319,7 @@ def _eval_stage(users, stage, model, tokenizer, k, cfg, results, per_user, score
         seed=cfg.run.seed,
         progress=f"eval {stage}",
         k=k,
+        constraints=constraints,
     )
     seconds = time.time() - t0
     parsed = [parse_and_ground(t, users.catalog) for t in texts]
@@ -336,6 +338,17 @@ def _eval_stage(users, stage, model, tokenizer, k, cfg, results, per_user, score
     if cold:
         results["cold_start"]["stages"][stage] = _subset(users, cold, lists, k, expl, counts)
     return texts
+
+
+def _constraints(users: HeldOutUsers, tokenizer):
+    """Each held-out prompt's allowed titles: its candidates in rerank mode, the catalog otherwise."""
+    from reward_models.encoding import prompt_ids
+    from rlhf.constrained import PromptConstraints
+
+    constraints = PromptConstraints(tokenizer, users.catalog)
+    for r in users.rows:
+        constraints.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [])
+    return constraints
 
 
 def _comparisons(results: dict, per_user: dict, stages: list, baselines: list) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 import torch
-from transformers import StoppingCriteria
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 _ITEM_LINE = re.compile(r"^\s*(?:\d{1,2}\s*[.)]|[-*•])\s+\S")
 
@@ -68,6 +68,7 @@ def generate(
     seed: int = 0,
     progress: str | None = None,
     k: int | None = None,
+    constraints=None,
     **gen_kwargs,
 ) -> list[str]:
     """Decode one response per prompt (greedy by default; seeded sampling when asked), left-padded batches; with
@@ -90,7 +91,9 @@ def generate(
         input_ids, mask = pad_left([encoded[i] for i in idx], tokenizer.pad_token_id)
         width = input_ids.shape[1]
         if k:
-            gen_kwargs["stopping_criteria"] = [ListingStop(tokenizer, width, k, len(idx))]
+            gen_kwargs["stopping_criteria"] = StoppingCriteriaList([ListingStop(tokenizer, width, k, len(idx))])
+        if constraints is not None:  # rlhf.constrained.PromptConstraints: allowed titles per prompt
+            gen_kwargs["logits_processor"] = LogitsProcessorList([constraints.processor(input_ids, mask)])
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),

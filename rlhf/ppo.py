@@ -81,8 +81,15 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         policy.config,
         truth=listing_truth(run.catalog(), run.meta()),
     )
+    constraints = None
+    if ppo_cfg.constrained:
+        from rlhf.constrained import PromptConstraints
+
+        constraints = PromptConstraints(tokenizer, reward.composite.env.catalog)
     for r, prompt in zip(rows, ids):
         reward.register(prompt, r["prompt"], _context(r))
+        if constraints is not None:
+            constraints.register(prompt, r.get("candidate_ids") or [])
 
     remaining = ppo_cfg.total_updates - done
     # TRL: the rollout batch per process is per_device_train_batch_size x gradient_accumulation_steps, split into
@@ -134,6 +141,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         update_offset=done,
         resume_from=resume_from,
         merged_rollouts=ppo_cfg.merged_rollouts,
+        constraints=constraints,
     )
     if resume_from:
         print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")

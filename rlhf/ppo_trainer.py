@@ -58,6 +58,7 @@ class RecPPOTrainer(PPOTrainer):
         update_offset: int,
         resume_from: Path | None,
         merged_rollouts: bool,
+        constraints=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -79,7 +80,11 @@ class RecPPOTrainer(PPOTrainer):
         self.merged_rollouts = merged_rollouts and plain and not getattr(policy, "is_loaded_in_4bit", False)
         if isinstance(policy, PPOPolicy):  # without LoRA, TRL's own sampler and log-probabilities
             policy.setup_rollouts(
-                self.accelerator.autocast, self.merged_rollouts, stage_cfg.rollout_logprobs, stage_cfg.cliprange
+                self.accelerator.autocast,
+                self.merged_rollouts,
+                stage_cfg.rollout_logprobs,
+                stage_cfg.cliprange,
+                constraints,
             )
         else:
             self.merged_rollouts = False

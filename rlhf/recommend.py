@@ -52,11 +52,12 @@ def recommend(
     max_new_tokens: int,
     prompt: list[dict] | None = None,
     loaded=None,
+    candidate_ids: list[str] | None = None,
 ) -> dict:
-    from transformers import LogitsProcessorList
-
-    from rlhf.constrained import CatalogTitleProcessor, TitleTrie
-    from rlhf.generation import encode_prompts, generate
+    """One listing for a history (or a user's prompt row and its rerank candidates), with its grounded items."""
+    from reward_models.encoding import prompt_ids
+    from rlhf.constrained import PromptConstraints
+    from rlhf.generation import generate
     from rlhf.listing import parse_and_ground
     from rlhf.models import load_stage
     from rlhf.precision import resolve
@@ -73,13 +74,13 @@ def recommend(
     if prompt is None or k != meta["k"]:
         builder = PromptBuilder(catalog, tokenizer, k=k, noun=meta["noun"], max_prompt_tokens=meta["max_prompt_tokens"])
         prompt = builder.messages([(i, None) for i in history_ids])
-    extra = {}
-    if constrained:
-        plen = len(encode_prompts(tokenizer, [prompt])[0])
-        extra["logits_processor"] = LogitsProcessorList(
-            [CatalogTitleProcessor(TitleTrie.from_catalog(catalog, tokenizer), tokenizer, plen)]
-        )
-    text = generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, k=k, **extra)[0]
+    constraints = None
+    if constrained:  # the prompt's candidates when it offers some, the catalog otherwise
+        constraints = PromptConstraints(tokenizer, catalog)
+        constraints.register(prompt_ids(tokenizer, prompt), candidate_ids or [])
+    text = generate(
+        model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, k=k, constraints=constraints
+    )[0]
     items = [
         {
             "rank": e.rank,
@@ -99,11 +100,13 @@ def run_recommend(cfg: Config, run_dir: Path, args) -> dict:
     k = args.k or meta["k"]
     if args.user:
         row = _user_row(run, args.user)
-        history, prompt = row["history_ids"], row["prompt"]
+        history, prompt, cands = row["history_ids"], row["prompt"], row.get("candidate_ids")
     else:
-        history, prompt = history_from_titles(args.history, catalog), None
+        history, prompt, cands = history_from_titles(args.history, catalog), None, None
     try:
-        result = recommend(run_dir, cfg.model, args.stage, history, k, args.constrained, args.max_new_tokens, prompt)
+        result = recommend(
+            run_dir, cfg.model, args.stage, history, k, args.constrained, args.max_new_tokens, prompt, None, cands
+        )
     except RecommendError as e:
         print(f"rlhf recommend: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -11,6 +11,11 @@ autocast), by little in float32 and by much more in bf16. ``PPOPolicy.generate``
    weights (``MergedCopy``), refreshed from the live adapters before each rollout. On CPU an unmerged adapter
    halves generation speed. The copy is refreshed from the frozen base each time, so rounding never accumulates.
    Sampling from the merged copy instead of the unmerged policy differs only by float rounding.
+
+With ``constraints`` (rlhf/constrained.py) the policy is the constrained one everywhere: sampling masks item
+positions to the prompt's allowed titles, and every full forward of the policy (the recomputed old log-probs, the
+reference pass with the adapter off, the optimisation) masks the same positions, so PPO's ratio and KL are those of
+one distribution.
 """
 
 from __future__ import annotations
@@ -55,23 +60,42 @@ class PPOPolicy(PeftModelForCausalLM):
     logprobs_from = "training"  # or "sampler": TRL's default, the sampler's own scores
     cliprange = 0.2
     generation_seconds = 0.0  # time spent sampling rollouts, for the trainer's per-phase timing
+    constraints = None  # rlhf.constrained.PromptConstraints: the titles each prompt's listing may use
+    _generating = False
 
-    def setup_rollouts(self, autocast, merged: bool, logprobs_from: str = "training", cliprange: float = 0.2):
+    def setup_rollouts(self, autocast, merged: bool, logprobs_from="training", cliprange=0.2, constraints=None):
         self.rollout_autocast = autocast or nullcontext
         self.merged_copy = MergedCopy(self) if merged else None
-        self.logprobs_from, self.cliprange = logprobs_from, cliprange
+        self.logprobs_from, self.cliprange, self.constraints = logprobs_from, cliprange, constraints
         self._gaps: list[torch.Tensor] = []
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if self.constraints is not None and not self._generating and kwargs.get("input_ids") is not None:
+            out.logits = self.constraints.mask(out.logits, kwargs["input_ids"], kwargs.get("attention_mask"))
+        return out
+
+    def _sample(self, *args, **kwargs):
+        if self.constraints is not None:
+            from transformers import LogitsProcessorList
+
+            proc = self.constraints.processor(kwargs["input_ids"], kwargs["attention_mask"])
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), proc])
+        if self.merged_copy is not None:
+            self.merged_copy.refresh()
+            self.merged_copy.model.generation_config = self.generation_config
+            return self.merged_copy.model.generate(*args, **kwargs)
+        self._generating = True
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self._generating = False
 
     def generate(self, *args, **kwargs):
         if not kwargs.get("output_scores") or self.rollout_autocast is None:
             return super().generate(*args, **kwargs)
         t0 = time.time()
-        if self.merged_copy is not None:
-            self.merged_copy.refresh()
-            self.merged_copy.model.generation_config = self.generation_config
-            out = self.merged_copy.model.generate(*args, **kwargs)
-        else:
-            out = super().generate(*args, **kwargs)
+        out = self._sample(*args, **kwargs)
         self.generation_seconds += time.time() - t0
         input_ids, mask, config = kwargs["input_ids"], kwargs["attention_mask"], kwargs["generation_config"]
         width = input_ids.shape[1]

@@ -319,7 +319,7 @@ def test_constrained_decoding_forces_catalog_titles():
     from transformers import AutoModelForCausalLM, LogitsProcessorList
 
     from rlhf.catalog import Catalog
-    from rlhf.constrained import CatalogTitleProcessor, TitleTrie
+    from rlhf.constrained import TitleProcessor, TitleTrie
     from rlhf.listing import parse_and_ground
     from rlhf.models import load_tokenizer, resolve_model
 
@@ -329,7 +329,7 @@ def test_constrained_decoding_forces_catalog_titles():
     trie = TitleTrie.from_catalog(catalog, tok)
     prefix = tok("1.", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prefix])
-    proc = CatalogTitleProcessor(trie, tok, prompt_length=0)
+    proc = TitleProcessor(trie, tok, prompt_length=0)
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),

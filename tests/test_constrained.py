@@ -1,0 +1,102 @@
+"""Constrained rollouts: the PPO policy samples only allowed titles at item positions, and its full forward passes
+(the old log-probs PPO's ratio starts from, the reference pass, the optimisation) mask the same positions."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+from reward_models.encoding import prompt_ids
+from rlhf.catalog import Catalog
+from rlhf.constrained import PromptConstraints
+from rlhf.listing import parse_and_ground
+from rlhf.models import load_causal_lm, load_tokenizer, lora_config, resolve_model
+from rlhf.rollout import PPOPolicy
+
+
+class ForceText(LogitsProcessor):
+    """Forces the first generated tokens to spell ``ids`` (a list marker), so every row opens an item line."""
+
+    def __init__(self, ids: list[int], prompt_length: int):
+        self.ids, self.prompt_length = ids, prompt_length
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        if step < len(self.ids):
+            forced = torch.full_like(scores, float("-inf"))
+            forced[:, self.ids[step]] = 0.0
+            return forced
+        return scores
+
+
+def _policy_and_prompt():
+    from rlhf.config import ModelConfig
+
+    tok = load_tokenizer("tiny")
+    policy = PPOPolicy(load_causal_lm(resolve_model("tiny"), "float32"), lora_config(ModelConfig(lora_r=4)))
+    policy.generation_config.pad_token_id = tok.pad_token_id
+    catalog = Catalog.builtin()
+    messages = [{"role": "system", "content": "Recommend films."}, {"role": "user", "content": "I liked Heat."}]
+    return tok, policy, catalog, messages
+
+
+def test_constrained_rollouts_never_leave_the_candidates_and_score_as_they_sample():
+    tok, policy, catalog, messages = _policy_and_prompt()
+    candidates = [it.item_id for it in catalog.items[:5]]
+    constraints = PromptConstraints(tok, catalog)
+    prompt = prompt_ids(tok, messages)
+    constraints.register(prompt, candidates)
+    policy.setup_rollouts(None, merged=True, constraints=constraints)
+    rows = 12
+    ids = torch.tensor([prompt] * rows)
+    marker = tok("1.", add_special_tokens=False)["input_ids"]
+    config = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    torch.manual_seed(0)
+    out = policy.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=config,
+        return_dict_in_generate=True,
+        output_scores=True,
+        logits_processor=LogitsProcessorList([ForceText(marker, ids.shape[1])]),
+    )
+    responses = out.sequences[:, ids.shape[1] :]
+    allowed = {catalog[c].display for c in candidates}
+    for row in responses:
+        text = tok.decode(row, skip_special_tokens=True)
+        first = parse_and_ground(text, catalog)[0]
+        assert first.item_id in candidates, text  # a random model, yet only offered titles
+        assert catalog[first.item_id].display in allowed
+    # the scores PPO takes its old log-probs from come from the masked full forward: every sampled token is allowed
+    # there too, and the tokens the mask forbids are forbidden there
+    logits = torch.stack(out.scores, 1)
+    logp = torch.log_softmax(logits, -1).gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    real = responses != tok.pad_token_id
+    assert torch.all(logp[real] > -1e3)
+    title_step = len(marker)  # the first title token: only the candidates' first tokens may come
+    first_tokens = {tok(" " + catalog[c].display, add_special_tokens=False)["input_ids"][0] for c in candidates}
+    open_tokens = (logits[0, title_step] > -1e8).nonzero().flatten().tolist()
+    assert set(open_tokens) == first_tokens
+    # and the masked distribution puts all its mass there, as the sampler's did
+    mass = torch.softmax(logits[:, title_step], -1)[:, sorted(first_tokens)].sum(-1)
+    assert torch.allclose(mass, torch.ones_like(mass), atol=1e-5)
+
+
+def test_without_candidates_the_whole_catalog_is_allowed_and_free_text_is_untouched():
+    tok, policy, catalog, messages = _policy_and_prompt()
+    constraints = PromptConstraints(tok, catalog)
+    prompt = prompt_ids(tok, messages)
+    text = tok("1. Heat (1995) — crime like Heat", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + text])
+    with torch.no_grad():
+        free = policy(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    masked = constraints.mask(free, ids, torch.ones_like(ids))
+    start = len(prompt)
+    marker = len(tok("1.", add_special_tokens=False)["input_ids"])
+    # the position predicting the first title token keeps exactly the catalog titles' first tokens
+    open_tokens = set((masked[0, start + marker - 1] > -1e8).nonzero().flatten().tolist())
+    firsts = {tok(" " + it.display, add_special_tokens=False)["input_ids"][0] for it in catalog.items}
+    assert open_tokens == firsts
+    # the prompt and the explanation after the title are left as they were
+    assert torch.equal(masked[0, : start - 1], free[0, : start - 1])
+    assert torch.equal(masked[0, -3:], free[0, -3:])
