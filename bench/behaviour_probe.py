@@ -50,6 +50,11 @@ def _listings(users, rng, k: int, recs: dict) -> list[tuple[str, dict, list]]:
     return out
 
 
+def _top(model, row, k: int) -> list:
+    pct = model.percentiles(row["history_ids"], row.get("history_ratings"))
+    return [model.item_ids[j] for j in np.argsort(-np.nan_to_num(pct, nan=-1.0), kind="stable")[:k]]
+
+
 def main() -> None:
     from reward_models.terms.behaviour import BehaviourModel, listing_value
     from rlhf import baselines
@@ -89,25 +94,34 @@ def main() -> None:
         f"{a.run}: {len(users.rows)} {a.split} users, K={k}, {len(rows)} listings "
         f"({int(llm.sum())} by the LLM, {int((llm & valid).sum())} of them all-valid)"
     )
-    print(f"{'model':10s} {'power':>5s} {'all':>6s} {'llm':>6s} {'llm valid':>9s}")
+    print(f"{'model':10s} {'power':>5s} {'all':>6s} {'llm':>6s} {'llm valid':>9s} {'valid':>6s}")
     for name, model in models.items():
         for power in (1.0, 2.0, 4.0):
-            v = np.array([listing_value(model, items, r["history_ids"], k, power) for _, r, items in rows])
+            v = np.array(
+                [
+                    listing_value(model, items, r["history_ids"], k, power, r.get("history_ratings"))
+                    for _, r, items in rows
+                ]
+            )
             cells = []
-            for mask in (np.ones_like(llm), llm, llm & valid):
+            for mask in (np.ones_like(llm), llm, llm & valid, valid):
                 ok = mask.sum() > 2 and v[mask].std() > 0 and truth[mask].std() > 0
                 cells.append(f"{np.corrcoef(v[mask], truth[mask])[0, 1]:+.2f}" if ok else "n/a")
-            print(f"{name:10s} {power:5.1f} {cells[0]:>6s} {cells[1]:>6s} {cells[2]:>9s}")
+            print(f"{name:10s} {power:5.1f} {cells[0]:>6s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>6s}")
     print("per-user Spearman of item scores with true item utility (unseen items):")
     for name, model in models.items():
         rhos = []
         for r in users.rows:
             util = sim.utilities(sim.user(r["user_id"]))
-            pct = model.percentiles(r["history_ids"])
+            pct = model.percentiles(r["history_ids"], r.get("history_ratings"))
             idx = [j for j, i in enumerate(model.item_ids) if not np.isnan(pct[j])]
             truth_rank = np.argsort(np.argsort(util[[sim.index[model.item_ids[j]] for j in idx]]))
             rhos.append(np.corrcoef(pct[idx], truth_rank)[0, 1])
         print(f"  {name:10s} {np.nanmean(rhos):+.2f}")
+    for name, model in models.items():  # each model's own top K, history weighted by the user's ratings
+        tops = [_top(model, r, k) for r in users.rows]
+        util = [sim.list_utility(sim.user(r["user_id"]), t, set(r["history_ids"]), k) for r, t in zip(users.rows, tops)]
+        print(f"  top {k} of {name} (rating-weighted history): true utility {np.mean(util):.3f}")
     print(
         "mean true utility by kind: " + ", ".join(f"{kd} {truth[kinds == kd].mean():.3f}" for kd in sorted(set(kinds)))
     )

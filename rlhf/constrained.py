@@ -13,6 +13,7 @@ position of a full forward pass (PPO's rollout scoring, reference and optimisati
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor
@@ -24,22 +25,36 @@ MASKED = -1e9  # finite: TRL's entropy multiplies probabilities by logits, and 0
 
 
 class TitleTrie:
+    """Token paths of titles; each node knows the items whose title passes through it."""
+
     def __init__(self):
         self.children: dict[int, TitleTrie] = {}
-        self.terminal = False
+        self.item: str | None = None  # the item whose title ends here
+        self.items: set[str] = set()
 
-    def insert(self, ids: list[int]) -> None:
+    def insert(self, ids: list[int], item_id: str) -> None:
         node = self
+        node.items.add(item_id)
         for t in ids:
             node = node.children.setdefault(t, TitleTrie())
-        node.terminal = True
+            node.items.add(item_id)
+        node.item = item_id
+
+    def walk(self, tokens: list[int]) -> tuple[TitleTrie, int]:
+        """The node after following ``tokens`` as far as titles go, and how many tokens that took."""
+        node, n = self, 0
+        for t in tokens:
+            if t not in node.children:
+                break
+            node, n = node.children[t], n + 1
+        return node, n
 
     @classmethod
     def from_items(cls, catalog, item_ids, tokenizer) -> TitleTrie:
         trie = cls()
         for i in item_ids:
             if i in catalog:
-                trie.insert(tokenizer(" " + catalog[i].display, add_special_tokens=False)["input_ids"])
+                trie.insert(tokenizer(" " + catalog[i].display, add_special_tokens=False)["input_ids"], i)
         return trie
 
     @classmethod
@@ -47,112 +62,142 @@ class TitleTrie:
         return cls.from_items(catalog, [it.item_id for it in catalog.items], tokenizer)
 
 
+@dataclass(frozen=True)
+class Allowed:
+    """The titles one prompt's listing may use: a trie, minus ``banned`` items (what the user already has)."""
+
+    trie: TitleTrie
+    banned: frozenset = frozenset()
+
+
 class ListingRule:
-    """Which tokens may come next after ``generated`` response tokens, given the allowed titles' trie."""
+    """Which tokens may come next after ``generated`` response tokens. At an item position: only continuations of
+    an allowed title that is not banned and not already listed in an earlier line; so a constrained listing has no
+    made-up titles, no repeats and nothing the user already has."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        ends = (
-            tokenizer(" —", add_special_tokens=False)["input_ids"],
-            tokenizer("\n", add_special_tokens=False)["input_ids"],
-        )
+        ends = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" —", "\n")]
         self.after_title = sorted({ids[0] for ids in ends if ids} | {tokenizer.eos_token_id})
         self.newlines = newline_token_ids(tokenizer)
 
-    def allowed(self, generated: list[int], trie: TitleTrie) -> list[int] | None:
-        """None where nothing is constrained (outside an item line, or after its title)."""
-        start = 0
-        for j in range(len(generated) - 1, -1, -1):
-            if generated[j] in self.newlines:
-                start = j + 1
-                break
-        line = generated[start:]
-        marker_end = None
+    def _title_tokens(self, line: list[int]) -> list[int] | None:
+        """The tokens after an item line's marker ("N."), or None for a line that is not (yet) an item line."""
         for i in range(min(len(line), 4)):
             if _MARKER.match(self.tokenizer.decode(line[: i + 1])):
-                marker_end = i + 1
-                break
-        if marker_end is None:
+                return line[i + 1 :]
+        return None
+
+    def _lines(self, generated: list[int]) -> list[list[int]]:
+        lines, start = [], 0
+        for j, t in enumerate(generated):
+            if t in self.newlines:
+                lines.append(generated[start:j])
+                start = j + 1
+        return [*lines, generated[start:]]
+
+    def allowed(self, generated: list[int], allowed: Allowed) -> list[int] | None:
+        """None where nothing is constrained (outside an item line, or after its title)."""
+        *earlier, line = self._lines(generated)
+        title = self._title_tokens(line)
+        if title is None:
             return None  # not in an item line (or still writing the marker)
-        node = trie
-        for t in line[marker_end:]:
-            if t not in node.children:
-                return None  # the title is finished: explanation text is free
-            node = node.children[t]
-        allowed = list(node.children) + (self.after_title if node.terminal else [])
-        return allowed or None
+        node, n = allowed.trie.walk(title)
+        if n < len(title):
+            return None  # the title is finished: explanation text is free
+        used = set(allowed.banned)
+        for previous in earlier:  # titles already listed may not come again
+            tokens = self._title_tokens(previous)
+            if tokens is not None:
+                end, _ = allowed.trie.walk(tokens)
+                used.add(end.item)
+        out = [t for t, child in node.children.items() if any(i not in used for i in child.items)]
+        if node.item is not None and node.item not in used:
+            out += self.after_title
+        return out or None
 
 
 class TitleProcessor(LogitsProcessor):
-    """Generation-time masking. ``tries``: one trie for every row, or one per row (None: that row is free)."""
+    """Generation-time masking. ``allowed``: one ``Allowed`` (or trie) for every row, or one per row (None: free)."""
 
-    def __init__(self, tries, tokenizer, prompt_length: int, rule: ListingRule | None = None):
-        self.tries, self.prompt_length = tries, prompt_length
+    def __init__(self, allowed, tokenizer, prompt_length: int, rule: ListingRule | None = None):
+        self.allowed, self.prompt_length = allowed, prompt_length
         self.rule = rule or ListingRule(tokenizer)
+
+    def _for(self, row: int):
+        a = self.allowed[row] if isinstance(self.allowed, list) else self.allowed
+        return Allowed(a) if isinstance(a, TitleTrie) else a
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row in range(input_ids.shape[0]):
-            trie = self.tries[row] if isinstance(self.tries, list) else self.tries
-            allowed = self.rule.allowed(input_ids[row, self.prompt_length :].tolist(), trie) if trie else None
-            if allowed is not None:
+            allowed = self._for(row)
+            tokens = self.rule.allowed(input_ids[row, self.prompt_length :].tolist(), allowed) if allowed else None
+            if tokens is not None:
                 mask = torch.full_like(scores[row], float("-inf"))
-                mask[allowed] = 0.0
+                mask[tokens] = 0.0
                 scores[row] = scores[row] + mask
         return scores
 
 
-def mask_logits(logits: torch.Tensor, input_ids: torch.Tensor, starts: list, tries: list, rule: ListingRule):
-    """Full-sequence masking: for each row with a trie, every position that predicts a response token (the response
-    starts at ``starts[row]``) keeps only the allowed tokens. Returns a new tensor (autograd-safe)."""
+def mask_logits(logits: torch.Tensor, input_ids: torch.Tensor, starts: list, allowed: list, rule: ListingRule):
+    """Full-sequence masking: for each row with an ``Allowed``, every position that predicts a response token (the
+    response starts at ``starts[row]``) keeps only the allowed tokens. Returns a new tensor (autograd-safe)."""
     mask = None
     ids = input_ids.tolist()
-    for row, (start, trie) in enumerate(zip(starts, tries)):
-        if trie is None or start is None:
+    for row, (start, titles) in enumerate(zip(starts, allowed)):
+        if titles is None or start is None:
             continue
         for u in range(start, len(ids[row])):
-            allowed = rule.allowed(ids[row][start:u], trie)
-            if allowed is None:
+            tokens = rule.allowed(ids[row][start:u], titles)
+            if tokens is None:
                 continue
             if mask is None:
                 mask = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
             mask[row, u - 1] = MASKED
-            mask[row, u - 1, allowed] = 0.0
+            mask[row, u - 1, tokens] = 0.0
     return logits if mask is None else logits + mask
 
 
 class PromptConstraints:
     """Per prompt, the titles its listing may use: the prompt's candidates where it offers some (rerank mode), the
-    whole catalog otherwise. Prompts are known by their token ids (chat template up to the assistant header)."""
+    whole catalog otherwise, never the user's history. Prompts are known by their token ids (chat template up to the
+    assistant header); an unregistered prompt may use the whole catalog."""
 
     def __init__(self, tokenizer, catalog):
         from reward_models.encoding import ASSISTANT_HEADER
 
         self.tokenizer, self.catalog, self.rule = tokenizer, catalog, ListingRule(tokenizer)
         self.header = tokenizer(ASSISTANT_HEADER, add_special_tokens=False)["input_ids"]
-        self.catalog_trie = TitleTrie.from_catalog(catalog, tokenizer)
-        self.by_prompt: dict[tuple, TitleTrie] = {}
+        self.everything = Allowed(TitleTrie.from_catalog(catalog, tokenizer))
+        self.by_prompt: dict[tuple, Allowed] = {}
+        self._tries: dict[tuple, TitleTrie] = {}
 
-    def register(self, prompt_ids: list[int], candidate_ids: list[str]) -> None:
+    def register(self, prompt_ids: list[int], candidate_ids: list[str], history_ids: list[str] = ()) -> None:
+        trie = self.everything.trie
         if candidate_ids:
-            self.by_prompt[tuple(prompt_ids)] = TitleTrie.from_items(self.catalog, candidate_ids, self.tokenizer)
+            key = tuple(sorted(candidate_ids))
+            if key not in self._tries:
+                self._tries[key] = TitleTrie.from_items(self.catalog, candidate_ids, self.tokenizer)
+            trie = self._tries[key]
+        self.by_prompt[tuple(prompt_ids)] = Allowed(trie, frozenset(history_ids))
 
-    def _split(self, ids: list[int], keep: list[int]) -> tuple[TitleTrie, int | None]:
-        """(the row's trie, index of its first response token), from the last assistant header among kept tokens."""
+    def _split(self, ids: list[int], keep: list[int]) -> tuple[Allowed, int | None]:
+        """(the row's allowed titles, index of its first response token), from the last assistant header."""
         from reward_models.encoding import header_end
 
         real = [j for j, k in enumerate(keep) if k]
         end = header_end([ids[j] for j in real], self.header)
         if end is None:
-            return self.catalog_trie, None
+            return self.everything, None
         prompt = tuple(ids[j] for j in real[:end])
-        return self.by_prompt.get(prompt, self.catalog_trie), (real[end] if end < len(real) else len(ids))
+        return self.by_prompt.get(prompt, self.everything), (real[end] if end < len(real) else len(ids))
 
     def processor(self, input_ids, attention_mask) -> TitleProcessor:
         rows = zip(input_ids.tolist(), attention_mask.tolist())
-        tries = [self.by_prompt.get(tuple(i for i, k in zip(ids, keep) if k), self.catalog_trie) for ids, keep in rows]
-        return TitleProcessor(tries, self.tokenizer, input_ids.shape[1], self.rule)
+        allowed = [self.by_prompt.get(tuple(i for i, k in zip(ids, keep) if k), self.everything) for ids, keep in rows]
+        return TitleProcessor(allowed, self.tokenizer, input_ids.shape[1], self.rule)
 
     def mask(self, logits, input_ids, attention_mask):
         keep = attention_mask.tolist() if attention_mask is not None else [[1] * input_ids.shape[1]] * len(input_ids)
         split = [self._split(ids, k) for ids, k in zip(input_ids.tolist(), keep)]
-        return mask_logits(logits, input_ids, [s for _, s in split], [t for t, _ in split], self.rule)
+        return mask_logits(logits, input_ids, [s for _, s in split], [a for a, _ in split], self.rule)

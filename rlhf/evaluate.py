@@ -347,7 +347,7 @@ def _constraints(users: HeldOutUsers, tokenizer):
 
     constraints = PromptConstraints(tokenizer, users.catalog)
     for r in users.rows:
-        constraints.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [])
+        constraints.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"])
     return constraints
 
 

@@ -89,7 +89,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     for r, prompt in zip(rows, ids):
         reward.register(prompt, r["prompt"], _context(r))
         if constraints is not None:
-            constraints.register(prompt, r.get("candidate_ids") or [])
+            constraints.register(prompt, r.get("candidate_ids") or [], r["history_ids"])
 
     remaining = ppo_cfg.total_updates - done
     # TRL: the rollout batch per process is per_device_train_batch_size x gradient_accumulation_steps, split into

@@ -100,3 +100,36 @@ def test_without_candidates_the_whole_catalog_is_allowed_and_free_text_is_untouc
     # the prompt and the explanation after the title are left as they were
     assert torch.equal(masked[0, : start - 1], free[0, : start - 1])
     assert torch.equal(masked[0, -3:], free[0, -3:])
+
+
+def _reachable(rule, allowed, prefix: list[int], after_title: set[int]) -> set[str]:
+    """Every title the rule lets a listing line finish, by following each allowed token from ``prefix``."""
+    found, stack = set(), [prefix]
+    while stack:
+        tokens = stack.pop()
+        options = rule.allowed(tokens, allowed)
+        assert options, f"a dead end after {tokens}"  # the rule never leads into a path it cannot finish
+        for t in options:
+            if t in after_title:
+                node, _ = allowed.trie.walk(rule._title_tokens(rule._lines(tokens)[-1]))
+                found.add(node.item)
+            else:
+                stack.append(tokens + [t])
+    return found
+
+
+def test_a_listing_cannot_repeat_a_title_or_list_what_the_user_has():
+    from rlhf.constrained import Allowed, ListingRule, TitleTrie
+
+    tok = load_tokenizer("tiny")
+    catalog = Catalog.builtin()
+    ids = {t: catalog.ground(t).item_id for t in ("Alien", "Aliens", "Heat", "Fargo")}
+    trie = TitleTrie.from_items(catalog, list(ids.values()), tok)
+    rule = ListingRule(tok)
+    after = set(rule.after_title)
+    start = tok("1.", add_special_tokens=False)["input_ids"]
+    assert _reachable(rule, Allowed(trie), start, after) == set(ids.values())
+    banned = Allowed(trie, frozenset({ids["Heat"]}))  # in the user's history
+    assert _reachable(rule, banned, start, after) == {ids["Alien"], ids["Aliens"], ids["Fargo"]}
+    line1 = tok("1. Alien (1979) — tense\n2.", add_special_tokens=False)["input_ids"]
+    assert _reachable(rule, banned, line1, after) == {ids["Aliens"], ids["Fargo"]}  # Alien listed, Heat seen

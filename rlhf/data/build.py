@@ -172,6 +172,11 @@ def pair_row(env: BuildEnv, prompt_hist, chosen, rejected, source, user_id, **pr
         "source": source,
         "user_id": user_id,
         "provenance": json.dumps(prov, sort_keys=True),
+        # whose prompt it is, as the reward terms read it (PromptContext.from_row)
+        "history_ids": [i for i, _ in prompt_hist],
+        "history_ratings": [_rating(r) for _, r in prompt_hist],
+        "candidate_ids": cands or [],
+        "shown": [{"item_id": i, "rating": _rating(r)} for i, r in kept],
     }
 
 
