@@ -32,30 +32,24 @@ from rlhf.runs import RunDir
 def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
-    from trl.experimental.ppo import PPOConfig
 
-    from reward_models.composite import for_run
     from reward_models.encoding import prompt_ids
-    from reward_models.trl_ppo import TRLRewardAdapter
-    from rlhf.data.simulator import listing_truth
     from rlhf.models import load_causal_lm, load_tokenizer, lora_config
     from rlhf.ppo_trainer import RecPPOTrainer
-    from rlhf.precision import base_dtype, resolve, trainer_precision
+    from rlhf.precision import base_dtype, resolve
     from rlhf.rollout import PPOPolicy
 
     run = RunDir(run_dir)
-    sft_path = run.need(run.sft.merged)
-    rm_path = run.need(run.reward.model)
+    sft_path, rm_path = run.need(run.sft.merged), run.need(run.reward.model)
     ppo_cfg, model_cfg = cfg.ppo, cfg.model
     dtype = resolve(model_cfg, "ppo")
-    out = run.ppo
     state = PartialState(cpu=not torch.cuda.is_available())
-    resume_from = checkpoint.latest(out.checkpoints) if resume else None
+    resume_from = checkpoint.latest(run.ppo.checkpoints) if resume else None
     if resume and resume_from is None:
-        print(f"ppo: --resume found no complete checkpoint under {out.checkpoints}; starting from update 0")
+        print(f"ppo: --resume found no complete checkpoint under {run.ppo.checkpoints}; starting from update 0")
     done = json.loads((resume_from / "state.json").read_text())["update"] if resume_from else 0
     if state.is_main_process:
-        _prepare_output(out, resume_from, done)
+        _prepare_output(run.ppo, resume_from, done)
         save_resolved(cfg, run, ["ppo"])
     state.wait_for_everyone()
     if done >= ppo_cfg.total_updates:
@@ -69,73 +63,22 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if len(rows) < ppo_cfg.batch_size:
         raise ValueError(f"{len(rows)} PPO prompts is fewer than ppo.batch_size={ppo_cfg.batch_size}")
     ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-
     policy = load_causal_lm(str(sft_path), base_dtype(model_cfg), model_cfg.load_in_4bit)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
     if model_cfg.use_lora:
         policy = PPOPolicy(policy, lora_config(model_cfg))
-    value_model = _value_model(rm_path, cfg, tokenizer.pad_token_id)
-    reward = TRLRewardAdapter(
-        for_run(run, ppo_cfg.reward_weights, dtype, cfg.reward.behaviour_power),
-        tokenizer,
-        policy.config,
-        truth=listing_truth(run.catalog(), run.meta()),
-    )
-    constraints = None
-    if ppo_cfg.constrained:
-        from rlhf.constrained import PromptConstraints
-
-        constraints = PromptConstraints(tokenizer, reward.composite.env.catalog)
-    for r, prompt in zip(rows, ids):
-        reward.register(prompt, r["prompt"], _context(r))
-        if constraints is not None:
-            constraints.register(prompt, r.get("candidate_ids") or [], r["history_ids"])
-
-    remaining = ppo_cfg.total_updates - done
-    # TRL: the rollout batch per process is per_device_train_batch_size x gradient_accumulation_steps, split into
-    # num_mini_batches; one micro-batch per mini-batch
-    args = PPOConfig(
-        output_dir=str(out.trainer),
-        learning_rate=ppo_cfg.learning_rate,
-        per_device_train_batch_size=ppo_cfg.batch_size // ppo_cfg.mini_batches,
-        gradient_accumulation_steps=ppo_cfg.mini_batches,
-        num_mini_batches=ppo_cfg.mini_batches,
-        num_ppo_epochs=ppo_cfg.ppo_epochs,
-        total_episodes=remaining * ppo_cfg.batch_size * state.num_processes,
-        local_rollout_forward_batch_size=ppo_cfg.batch_size,
-        response_length=ppo_cfg.response_length,
-        temperature=ppo_cfg.temperature,
-        kl_coef=ppo_cfg.kl_coef,
-        kl_estimator=ppo_cfg.kl_estimator,
-        missing_eos_penalty=ppo_cfg.missing_eos_penalty,
-        cliprange=ppo_cfg.cliprange,
-        cliprange_value=ppo_cfg.cliprange_value,
-        vf_coef=ppo_cfg.vf_coef,
-        whiten_rewards=ppo_cfg.whiten_rewards,
-        gamma=ppo_cfg.gamma,
-        lam=ppo_cfg.lam,
-        stop_token="eos",
-        num_sample_generations=0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[] if ppo_cfg.report_to == "none" else [ppo_cfg.report_to],
-        seed=cfg.run.seed + done,
-        lr_scheduler_type=ppo_cfg.lr_scheduler,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        **trainer_precision(model_cfg),
-    )
+    reward, constraints = _reward_and_constraints(run, cfg, tokenizer, rows, ids, policy.config, dtype)
     trainer = RecPPOTrainer(
-        args=args,
+        args=_trl_config(cfg, run, done, state.num_processes),
         processing_class=tokenizer,
         model=policy,
         ref_model=None,
         reward_model=reward,
-        value_model=value_model,
+        value_model=_value_model(rm_path, cfg, tokenizer.pad_token_id),
         train_dataset=Dataset.from_list([{"input_ids": i} for i in ids]),
         peft_config=None,  # the LoRA policy is built above (PPOPolicy); without LoRA TRL copies a reference
         stage_cfg=ppo_cfg,
-        out=out,
+        out=run.ppo,
         reward=reward,
         total_updates=ppo_cfg.total_updates,
         update_offset=done,
@@ -147,25 +90,94 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
     t0 = time.time()
     trainer.train()
-    seconds = time.time() - t0
+    return _finish(trainer, run, cfg, tokenizer, reward.composite, done, time.time() - t0, dtype)
+
+
+def _reward_and_constraints(run: RunDir, cfg: Config, tokenizer, rows, ids, policy_config, dtype: str):
+    """The composite behind TRL's reward interface, and (with ppo.constrained) each prompt's allowed titles."""
+    from reward_models.composite import for_run
+    from reward_models.trl_ppo import TRLRewardAdapter
+    from rlhf.data.simulator import listing_truth
+
+    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power)
+    reward = TRLRewardAdapter(composite, tokenizer, policy_config, truth=listing_truth(run.catalog(), run.meta()))
+    constraints = None
+    if cfg.ppo.constrained:
+        from rlhf.constrained import PromptConstraints
+
+        constraints = PromptConstraints(tokenizer, composite.env.catalog)
+    for r, prompt in zip(rows, ids):
+        reward.register(prompt, r["prompt"], _context(r))
+        if constraints is not None:
+            constraints.register(prompt, r.get("candidate_ids") or [], r["history_ids"])
+    return reward, constraints
+
+
+def _trl_config(cfg: Config, run: RunDir, done: int, processes: int):
+    """TRL's PPOConfig for the remaining updates. The rollout batch per process is per_device_train_batch_size x
+    gradient_accumulation_steps, split into num_mini_batches: one micro-batch per mini-batch."""
+    from trl.experimental.ppo import PPOConfig
+
+    from rlhf.precision import trainer_precision
+
+    p = cfg.ppo
+    return PPOConfig(
+        output_dir=str(run.ppo.trainer),
+        learning_rate=p.learning_rate,
+        per_device_train_batch_size=p.batch_size // p.mini_batches,
+        gradient_accumulation_steps=p.mini_batches,
+        num_mini_batches=p.mini_batches,
+        num_ppo_epochs=p.ppo_epochs,
+        total_episodes=(p.total_updates - done) * p.batch_size * processes,
+        local_rollout_forward_batch_size=p.batch_size,
+        response_length=p.response_length,
+        temperature=p.temperature,
+        kl_coef=p.kl_coef,
+        kl_estimator=p.kl_estimator,
+        missing_eos_penalty=p.missing_eos_penalty,
+        cliprange=p.cliprange,
+        cliprange_value=p.cliprange_value,
+        vf_coef=p.vf_coef,
+        whiten_rewards=p.whiten_rewards,
+        gamma=p.gamma,
+        lam=p.lam,
+        stop_token="eos",
+        num_sample_generations=0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[] if p.report_to == "none" else [p.report_to],
+        seed=cfg.run.seed + done,
+        lr_scheduler_type=p.lr_scheduler,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        **trainer_precision(cfg.model),
+    )
+
+
+def _finish(trainer, run: RunDir, cfg: Config, tokenizer, composite, done: int, seconds: float, dtype: str) -> dict:
+    """Adapter, samples and summary, written by the main process (TRL 1.12 fails saving on another rank)."""
     trainer.accelerator.wait_for_everyone()
-    if not trainer.accelerator.is_main_process:  # TRL fix: saving on another rank fails in TRL 1.12
+    if not trainer.accelerator.is_main_process:
         return {}
     policy = trainer.policy_module
-    policy.save_pretrained(out.adapter)
-    tokenizer.save_pretrained(out.adapter)
-    _write_samples(policy, tokenizer, run, reward.composite, ppo_cfg)
+    policy.save_pretrained(run.ppo.adapter)
+    tokenizer.save_pretrained(run.ppo.adapter)
+    _write_samples(policy, tokenizer, run, composite, cfg.ppo)
     summary = {
-        "updates": ppo_cfg.total_updates,
+        "updates": cfg.ppo.total_updates,
         "resumed_at": done or None,
         "seconds": round(seconds, 1),
         "processes": trainer.accelerator.num_processes,
         "dtype": dtype,
         "merged_rollouts": trainer.merged_rollouts,
-        "reward_weights": ppo_cfg.reward_weights,
+        "constrained": cfg.ppo.constrained,
+        "reward_weights": cfg.ppo.reward_weights,
     }
-    out.summary.write_text(json.dumps(summary, indent=2))
-    print(f"ppo: {remaining} updates in {seconds:.0f}s (total {ppo_cfg.total_updates}); wrote {out.adapter}")
+    run.ppo.summary.write_text(json.dumps(summary, indent=2))
+    print(
+        f"ppo: {cfg.ppo.total_updates - done} updates in {seconds:.0f}s (total {cfg.ppo.total_updates}); "
+        f"wrote {run.ppo.adapter}"
+    )
     return summary
 
 

@@ -116,63 +116,63 @@ class TokenAuth:
         await self.app(scope, receive, send)
 
 
-def make_app(store: JudgmentStore, tokens: dict[str, str], max_body: int = 16384):
-    async def page(request: Request):
+class LabelingAPI:
+    """The page and JSON endpoints over one round's judgment store; ``app()`` wraps them in token auth."""
+
+    def __init__(self, store: JudgmentStore, max_body: int = 16384):
+        self.store, self.max_body = store, max_body
+
+    async def page(self, request: Request):
         return HTMLResponse(PAGE, headers=SECURITY_HEADERS)
 
-    async def next_row(request: Request):
-        row = store.next_for(request.state.labeler)
+    async def next_row(self, request: Request):
+        row = self.store.next_for(request.state.labeler)
         if row is None:
             return Response(status_code=204, headers=SECURITY_HEADERS)
-        return JSONResponse(
-            {
-                "batch_id": row["batch_id"],
-                "prompt_id": row["prompt_id"],
-                "history": row["history"],
-                "candidates": row["candidates"],
-            },
-            headers=SECURITY_HEADERS,
-        )
+        fields = ("batch_id", "prompt_id", "history", "candidates")
+        return JSONResponse({f: row[f] for f in fields}, headers=SECURITY_HEADERS)
 
-    async def progress(request: Request):
-        return JSONResponse(store.progress(request.state.labeler), headers=SECURITY_HEADERS)
+    async def progress(self, request: Request):
+        return JSONResponse(self.store.progress(request.state.labeler), headers=SECURITY_HEADERS)
 
-    async def judgments(request: Request):
+    async def judgments(self, request: Request):
         declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > max_body):
-            return _error(413, f"the body is larger than {max_body} bytes")
+        too_big = f"the body is larger than {self.max_body} bytes"
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return _error(413, too_big)
         body = b""
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # chunked bodies have no Content-Length: count as they come
             body += chunk
-            if len(body) > max_body:
-                return _error(413, f"the body is larger than {max_body} bytes")
+            if len(body) > self.max_body:
+                return _error(413, too_big)
         try:
             payload = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             return _error(400, f"malformed JSON: {e}")
         try:
-            status, rec = await run_in_threadpool(store.add, request.state.labeler, payload)
+            status, rec = await run_in_threadpool(self.store.add, request.state.labeler, payload)
         except JudgmentError as e:
             return _error(e.status, str(e))
         return JSONResponse({"stored": status == 201, "judgment": rec}, status_code=status, headers=SECURITY_HEADERS)
 
-    async def not_found(request: Request, exc):
-        return _error(
-            exc.status_code,
-            f"{request.method} {request.url.path[:200]}: "
-            + ("no such endpoint" if exc.status_code == 404 else "method not allowed"),
+    async def not_found(self, request: Request, exc):
+        what = "no such endpoint" if exc.status_code == 404 else "method not allowed"
+        return _error(exc.status_code, f"{request.method} {request.url.path[:200]}: {what}")
+
+    def app(self, tokens: dict[str, str]):
+        routes = [
+            Route("/", self.page, methods=["GET"]),
+            Route("/api/next", self.next_row, methods=["GET"]),
+            Route("/api/progress", self.progress, methods=["GET"]),
+            Route("/api/judgments", self.judgments, methods=["POST"]),
+        ]
+        return TokenAuth(
+            Starlette(routes=routes, exception_handlers={404: self.not_found, 405: self.not_found}), tokens
         )
 
-    app = Starlette(
-        routes=[
-            Route("/", page, methods=["GET"]),
-            Route("/api/next", next_row, methods=["GET"]),
-            Route("/api/progress", progress, methods=["GET"]),
-            Route("/api/judgments", judgments, methods=["POST"]),
-        ],
-        exception_handlers={404: not_found, 405: not_found},
-    )
-    return TokenAuth(app, tokens)
+
+def make_app(store: JudgmentStore, tokens: dict[str, str], max_body: int = 16384):
+    return LabelingAPI(store, max_body).app(tokens)
 
 
 def run_serve(cfg, run_dir: Path, round_no: int, token: str | None = None, tokens_file: str | None = None) -> None:
