@@ -15,7 +15,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "recipes" / "tiny.yaml")
-SHARED = ROOT.parent / "shared" / "datasets" / "goodbooks-10k"
+# CI puts the shared datasets beside the checkout; REC_RLHF_SHARED points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("REC_RLHF_SHARED") or ROOT.parent / "shared") / "datasets" / "goodbooks-10k"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
