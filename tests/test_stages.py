@@ -29,15 +29,29 @@ def test_sft_trains_and_artifacts_load(tiny_sft):
 
 
 def test_reward_model_trains_and_reports_accuracy_per_source(tiny_reward):
-    from reward_models.train import load_reward_model
+    from reward_models.pairs import balance, load_pairs, split_by_user
+    from reward_models.train import _tokenized, load_reward_model, pairwise_accuracy
+    from rlhf.config import load_config
+    from rlhf.models import load_tokenizer
 
     metrics = json.loads((tiny_reward / "reward" / "metrics.json").read_text())
     assert metrics["steps"] == 4
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0
     assert set(metrics["val_by_source"]) <= {"ratings", "clicks", "simulator"} and metrics["val_by_source"]
     assert sum(metrics["pairs"]["read"].values()) > 0
     model = load_reward_model(tiny_reward / "reward" / "model")
     assert model.config.num_labels == 1
+    # the reported accuracy is the saved model's on the held-out users' pairs: recomputed from the run's files
+    rc, seed = load_config(TINY).reward, load_config(TINY).run.seed
+    rows, _ = load_pairs(tiny_reward, rc.sources)
+    _, val_rows = split_by_user(balance(rows, rc.balance_ratio, seed) if rc.balance else rows, rc.val_fraction, seed)
+    tok = load_tokenizer(str(tiny_reward / "reward" / "model"))
+    val_ex, _ = _tokenized(val_rows, tok, rc.max_length, rc.use_margin)
+    assert len(val_ex) == metrics["pairs"]["val"] > 0
+    acc = pairwise_accuracy(model, tok, val_ex)
+    assert metrics["val_accuracy"] == pytest.approx(acc["overall"])
+    assert metrics["val_by_source"].keys() == acc["by_source"].keys()
+    for src, v in acc["by_source"].items():
+        assert metrics["val_by_source"][src] == {"accuracy": pytest.approx(v["accuracy"]), "n": v["n"]}
     log = read_jsonl(tiny_reward / "reward" / "log.jsonl")
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses and all(loss == loss for loss in losses)  # finite
@@ -209,9 +223,8 @@ def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
     assert rows[4]["lr"] > 0 and rows[5]["lr"] > 0
 
 
-def test_eval_writes_metrics_report_and_plots(tiny_ppo):
-    rlhf("eval", "--run", tiny_ppo, "--config", TINY)
-    out = tiny_ppo / "eval"
+def test_eval_writes_metrics_report_and_plots(tiny_eval):
+    out = tiny_eval / "eval"
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) >= {"k", "mode", "stages", "baselines", "cold_start", "notes"}
     assert set(m["stages"]) == {"base", "sft", "ppo"}
@@ -248,7 +261,7 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     )
     truth = m["reward_vs_truth"]  # composite reward and its parts against the simulator's utility, per listing
     assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "n"}
-    assert all(v is None or -1.0 <= v <= 1.0 for part, v in truth.items() if part != "n")
+    assert truth == pytest.approx(_reward_vs_truth_from_listings(tiny_eval, m))
     html = (out / "report.html").read_text()
     for section in (
         "<h2>Metrics</h2>",
@@ -264,7 +277,43 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     assert "| ease (baseline) |" in (out / "report.md").read_text()
 
 
-def test_recommend_plain_constrained_and_bad_input(tiny_ppo):
+def _reward_vs_truth_from_listings(run, m) -> dict:
+    """Correlations of each listing's composite reward, learned score and rule part with its true utility,
+    recomputed from eval/listings.jsonl: what eval's reward_vs_truth must be."""
+    from reward_models.composite import PromptContext
+    from rlhf.config import load_config
+    from rlhf.evaluate import Context, load_composite
+    from rlhf.listing import parse_and_ground
+    from rlhf.metrics import pearson
+    from rlhf.runs import RunDir
+
+    cfg = load_config(TINY)
+    ctx = Context(RunDir(run), cfg.eval.split, cfg.eval.max_users)
+    composite = load_composite(run, ctx, cfg)
+    listings = read_jsonl(run / "eval" / "listings.jsonl")
+    reward, learned, util = [], [], []
+    for stage in m["stages"]:
+        text = {r["user_id"]: r["text"] for r in listings if r["stage"] == stage}
+        texts = [text[r["user_id"]] for r in ctx.rows]
+        scored = composite.score_texts(
+            [r["prompt"] for r in ctx.rows], texts, [PromptContext.from_row(r) for r in ctx.rows]
+        )
+        assert m["stages"][stage]["reward/reward"] == pytest.approx(sum(s["reward"] for s in scored) / len(scored))
+        reward += [s["reward"] for s in scored]
+        learned += [s["learned"] for s in scored]
+        for row, t in zip(ctx.rows, texts):
+            items = [e.item_id for e in parse_and_ground(t, ctx.catalog)][: m["k"]]
+            util.append(ctx.sim.list_utility(ctx.sim.user(row["user_id"]), items, set(row["history_ids"]), m["k"]))
+    rules = [r - composite.rm_weight * s for r, s in zip(reward, learned)]
+    return {
+        "reward": pearson(reward, util),
+        "learned": pearson(learned, util),
+        "rules": pearson(rules, util),
+        "n": len(util),
+    }
+
+
+def test_recommend_plain_and_bad_input(tiny_ppo):
     proc = rlhf(
         "recommend",
         "--run",
@@ -282,25 +331,53 @@ def test_recommend_plain_constrained_and_bad_input(tiny_ppo):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out) == {"prompt", "text", "items"}
     assert "The Matrix (1999)" in out["prompt"][1]["content"]
-    proc = rlhf(
-        "recommend",
-        "--run",
-        tiny_ppo,
-        "--config",
-        TINY,
-        "--history",
-        "The Matrix; Heat",
-        "--constrained",
-        "--json",
-        "--max-new-tokens",
-        "60",
-    )
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    titled = [it for it in out["items"] if it["title"]]
-    # every title the constrained model started is a real catalog title
-    assert all(it["in_catalog"] for it in titled), out["text"]
     bad = rlhf("recommend", "--run", tiny_ppo, "--config", TINY, "--history", "Blorp the Movie", check=False)
     assert bad.returncode == 1 and "not in the catalog: 'Blorp the Movie'" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def list_opener(tiny_sft, tmp_path_factory):
+    """A copy of the SFT run whose model was taught to open its answer with "1. " on four training users'
+    prompts (the tiny SFT model writes noise, never a list marker, so there would be nothing to constrain).
+    Returns (run, one of those users)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    from reward_models.encoding import pad_left
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_tokenizer
+
+    run = tmp_path_factory.mktemp("list-opener") / "run"
+    shutil.copytree(tiny_sft, run)
+    path = run / "sft" / "merged"
+    tok, model = load_tokenizer(str(path)), AutoModelForCausalLM.from_pretrained(path)
+    rows = pq.read_table(run / "data" / "prompts" / "train.parquet").to_pylist()[:4]
+    target = tok("1. ", add_special_tokens=False)["input_ids"]
+    ids, mask = pad_left([p + target for p in encode_prompts(tok, [r["prompt"] for r in rows])], tok.pad_token_id)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):  # the loss on the last positions only: the 49k-token head on 3 positions, not 250
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -len(target) - 1 : -1]
+        logits = model.lm_head(hidden)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -len(target) :].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return run, rows[0]["user_id"]
+
+
+def test_recommend_constrained_writes_only_catalog_titles(list_opener):
+    """The same model and prompt: free, it opens a list and writes no catalog title; with --constrained every
+    title it writes after a marker is a catalog title."""
+    run, user = list_opener
+    args = ["recommend", "--run", run, "--config", TINY, "--stage", "sft", "--user", user, "--json"]
+    free = json.loads(rlhf(*args, "--max-new-tokens", "40").stdout.strip().splitlines()[-1])
+    assert free["text"].startswith("1"), free["text"]  # it opens a list ...
+    assert not any(it["in_catalog"] for it in free["items"]), free  # ... but writes no catalog title on its own
+    out = json.loads(rlhf(*args, "--max-new-tokens", "40", "--constrained").stdout.strip().splitlines()[-1])
+    assert out["items"] and all(it["in_catalog"] for it in out["items"]), out["text"]
 
 
 def test_constrained_decoding_forces_catalog_titles():
@@ -389,11 +466,11 @@ def test_multi_cpu_launch_two_ranks(tiny_data, tmp_path):
     assert sorted(ranks) == [0, 1]
 
 
-def test_pipeline_skips_finished_stages(tiny_ppo, tmp_path):
+def test_pipeline_skips_finished_stages(tiny_eval, tmp_path):
     from rlhf.pipeline import plan
 
     run = tmp_path / "run"
-    shutil.copytree(tiny_ppo, run)
+    shutil.copytree(tiny_eval, run)
     assert [s for s, done in plan(run)] == ["data", "sft", "reward", "ppo", "eval"]
     assert all(done for _, done in plan(run))
     shutil.rmtree(run / "eval")
