@@ -39,6 +39,30 @@ def test_pearson_by_hand():
     assert M.pearson([1, 1, 1], [1, 2, 3]) is None and M.pearson([1, 2], [1, 2]) is None
 
 
+def test_reward_vs_truth_by_hand():
+    """Eval's correlation of the composite reward, its learned part and its rule part with true utility:
+    every LLM listing with a learned score and a true utility, stages pooled, rules = reward - w * learned."""
+    from rlhf.evaluate import _reward_vs_truth
+
+    per_user = {
+        "base": {"true_utility": [0.9, 0.1]},  # no composite scores for this stage: left out
+        "sft": {"true_utility": [0.0, 0.5, 1.0], "reward": [1.0, 2.0, 4.0]},
+        "ppo": {"true_utility": [0.2, 0.4], "reward": [3.0, 0.0]},
+    }
+    learned = {"sft": [0.0, 2.0, 2.0], "ppo": [4.0, -2.0]}
+    util, reward, score = [0.0, 0.5, 1.0, 0.2, 0.4], [1.0, 2.0, 4.0, 3.0, 0.0], [0.0, 2.0, 2.0, 4.0, -2.0]
+    rules = [1.0, 1.0, 3.0, 1.0, 1.0]  # reward - 0.5 * learned
+    got = _reward_vs_truth(per_user, learned, rm_weight=0.5)
+    assert got == {
+        "reward": pytest.approx(M.pearson(reward, util)),
+        "learned": pytest.approx(M.pearson(score, util)),
+        "rules": pytest.approx(M.pearson(rules, util)),
+        "n": 5,
+    }
+    assert got["rules"] == pytest.approx(1.16 / (3.2 * 0.568) ** 0.5)  # centred sums by hand: cov, var, var
+    assert _reward_vs_truth({"sft": {"reward": [1.0]}}, {"sft": [1.0]}, 1.0) is None  # no simulator: None
+
+
 def test_beyond_accuracy_by_hand():
     assert M.duplicate_rate(["a", "a", None, "b"]) == 0.25
     assert M.novelty(["a"], {"a": 3}, 7) == pytest.approx(-math.log2(4 / 8))
