@@ -199,8 +199,10 @@ class RewardConfig(TrainCommon):
         self._check_common("reward")
         _choice("reward.init", self.init, ("auto", "sft", "base"))
         bad = set(self.sources) - {"ratings", "clicks", "simulator", "labels"}
-        if bad:
-            raise ConfigError(f"reward.sources has unknown {sorted(bad)}; use ratings, clicks, simulator, labels")
+        if bad or not self.sources:
+            raise ConfigError(
+                f"reward.sources={self.sources} must name one or more of ratings, clicks, simulator, labels"
+            )
 
 
 @dataclass
@@ -370,7 +372,7 @@ def _coerce(value: Any, tp, where: str):
             pass
     if origin is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    if dataclasses.is_dataclass(tp):  # a nested section, e.g. ppo.rules: a mapping or nothing
         return _build(tp, value, where)
     expected = {int: int, float: float, str: str, bool: bool, list: list, dict: dict}.get(origin)
     if expected is not None:
@@ -420,6 +422,9 @@ def load_config(
         unknown = set(raw) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    for k, v in raw.items():
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{path}: section {k} must be a mapping of fields, got {type(v).__name__}")
     raw = {k: dict(v or {}) for k, v in raw.items()}
     for text in overrides:
         keys, value = parse_override(text)
