@@ -32,7 +32,11 @@ class Context:
         rows = run.rows(f"prompts/{split}.parquet")
         self.rows = rows[:max_users] if max_users else rows
         if not self.rows:
-            raise ValueError(f"no held-out prompts in {run.data / 'prompts' / (split + '.parquet')}")
+            from rlhf.interactions import DataError
+
+            raise DataError(
+                f"no held-out prompts in {run.data / 'prompts' / (split + '.parquet')}; try another --split"
+            )
         self.popularity, self.n_users = Counter(), 0
         for u in self._split_rows():
             self.popularity.update({h[0] for h in u["history"]})

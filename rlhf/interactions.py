@@ -217,6 +217,18 @@ def _clip_text(text, skips: SkipLog, where: str) -> str:
     return text
 
 
+def _catalog(items: list[Item], skips: SkipLog, where) -> Catalog:
+    """The catalog of each id's first row; a later row with the same id is skipped and counted."""
+    seen, unique = set(), []
+    for it in items:
+        if it.item_id in seen:
+            skips.skip("duplicate_item", str(where), f"item id {it.item_id!r} again; its first row is kept")
+            continue
+        seen.add(it.item_id)
+        unique.append(it)
+    return Catalog(unique)
+
+
 # -- MovieLens ---------------------------------------------------------------------------------
 def load_movielens_100k(folder: Path, skips: SkipLog):
     items = []
@@ -232,7 +244,7 @@ def load_movielens_100k(folder: Path, skips: SkipLog):
             if flag.strip() == "1" and g != "unknown"
         ]
         items.append(Item(parts[0], title, {"year": year, "genres": genres}))
-    catalog = Catalog(items)
+    catalog = _catalog(items, skips, folder / "u.item")
     rows = _Collector()
     data = _need(folder / "u.data", "MovieLens-100K ratings")
     for lineno, line in _lines(data):
@@ -275,7 +287,7 @@ def load_movielens(folder: Path, skips: SkipLog):
         title, year = split_year(rec["title"])
         genres = [g for g in (rec.get("genres") or "").split("|") if g and g != "(no genres listed)"]
         items.append(Item(rec["movieId"], title, {"year": year, "genres": genres}))
-    catalog = Catalog(items)
+    catalog = _catalog(items, skips, movies)
     rows = _Collector()
     ratings = _need(folder / "ratings.csv", "MovieLens ratings.csv")
     for lineno, rec, why in _csv_rows(ratings, required=("userId", "movieId", "rating", "timestamp")):
@@ -308,7 +320,7 @@ def load_goodbooks(folder: Path, skips: SkipLog):
         title = rec.get("original_title") or rec["title"]
         attrs = {"year": year, "authors": [a.strip() for a in (rec.get("authors") or "").split(",") if a.strip()]}
         items.append(Item(rec["book_id"], title, attrs, description=rec.get("title", "")))
-    catalog = Catalog(items)
+    catalog = _catalog(items, skips, books)
     rows = _Collector()
     ratings = folder / "ratings.csv"
     if not ratings.exists() and (folder / "sample_ratings.csv").exists():
@@ -374,14 +386,7 @@ def load_amazon(path: Path, meta_path: str, skips: SkipLog):
             desc = " ".join(map(str, desc))
         attrs = {"genres": [str(c) for c in cats][-3:], "brand": rec.get("store") or rec.get("brand") or ""}
         items.append(Item(str(iid), title.strip()[:300], attrs, _clip_text(desc, skips, f"{meta}:{lineno}")[:500]))
-    seen, unique = set(), []
-    for it in items:
-        if it.item_id in seen:
-            skips.skip("duplicate_item", str(meta), it.item_id)
-            continue
-        seen.add(it.item_id)
-        unique.append(it)
-    catalog = Catalog(unique)
+    catalog = _catalog(items, skips, meta)
     rows = _Collector()
     for lineno, rec in _jsonl(reviews, skips):
         where = f"{reviews}:{lineno}"
@@ -444,6 +449,9 @@ def load_generic(path: Path, columns: dict, items_path: str, skips: SkipLog):
             if not iid or not title:
                 skips.skip("malformed_item", f"{ip}:{lineno}", "needs item_id and title")
                 continue
+            if str(iid) in items:
+                skips.skip("duplicate_item", f"{ip}:{lineno}", f"item id {iid!r} again; its first row is kept")
+                continue
             attrs = {k: v for k, v in rec.items() if k not in (cols["item_id"], cols["title"], "item_id", "title")}
             items[str(iid)] = Item(str(iid), str(title)[:300], attrs)
     rows = _Collector()
@@ -478,7 +486,13 @@ def load_generic(path: Path, columns: dict, items_path: str, skips: SkipLog):
 def load_builtin(cfg, skips: SkipLog):
     from rlhf.simulator import Simulator
 
-    catalog = Catalog.load_jsonl(cfg.catalog) if cfg.catalog else Catalog.builtin()
+    try:
+        catalog = (
+            Catalog.load_jsonl(_need(Path(cfg.catalog), "data.catalog JSONL")) if cfg.catalog else Catalog.builtin()
+        )
+    except ValueError as e:  # a bad row (the message names file and line) or repeated ids (it does not)
+        where = str(Path(cfg.catalog))
+        raise DataError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     sim = Simulator(catalog, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     rows = _Collector()

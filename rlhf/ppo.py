@@ -351,7 +351,9 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     tokenizer = load_tokenizer(str(sft_path))
     prompts = _tokenized_prompts(run.rows("prompts/train.parquet"), tokenizer, pc.max_prompts)
     if len(prompts) < pc.batch_size:
-        raise ValueError(f"{len(prompts)} PPO prompts is fewer than ppo.batch_size={pc.batch_size}")
+        from rlhf.config import ConfigError
+
+        raise ConfigError(f"{len(prompts)} PPO prompts is fewer than ppo.batch_size={pc.batch_size}; lower it")
 
     policy = load_causal_lm(str(sft_path), mc.dtype, mc.load_in_4bit)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
