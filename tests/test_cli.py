@@ -1,5 +1,5 @@
 import pytest
-from conftest import rlhf
+from conftest import TINY, rlhf
 
 from rlhf.cli import build_parser, main
 
@@ -153,3 +153,19 @@ def test_config_errors_exit_2_without_traceback(tmp_path):
     # commands without a section of their own take section.field only
     proc = rlhf("export", "--run", tmp_path, "--out", tmp_path / "x", "foo=1", check=False)
     assert proc.returncode == 2 and "override 'foo=1': unknown section 'foo'" in proc.stderr
+
+
+def test_stage_input_errors_are_one_message_not_a_traceback(tmp_path):
+    """Prepared data a stage cannot use (K larger than any history, no validation users), and reward options
+    that leave nothing to train on: one message naming the file or field, exit 1 (data) or 2 (config)."""
+    run = tmp_path / "run"
+    rlhf("data", "prepare", "--out", run, "--config", TINY, "data.val_fraction=0", "data.k=40")
+    cases = [
+        (["sft", "--run", run], 1, "data/sft/train.parquet has no examples; users need at least K+2 interactions"),
+        (["eval", "--run", run, "--split", "val"], 1, "no held-out prompts in"),
+        (["reward", "--run", run, "--sources", "labels"], 1, "no preference pairs for sources ['labels']"),
+        (["reward", "--run", run, "reward.max_length=10"], 2, "longer than reward.max_length=10; raise it"),
+    ]
+    for argv, code, says in cases:
+        proc = rlhf(*argv, "--config", TINY, check=False)
+        assert proc.returncode == code and says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)

@@ -544,3 +544,25 @@ def test_generic_end_to_end_counts_skips_fences_hostile_titles_and_escapes_the_r
     html = (run / "eval" / "report.html").read_text()
     assert "<script>alert(1)</script>" not in html and "<|im_start|>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # shown, escaped, in the example users' histories
+
+
+def test_repeated_item_ids_keep_the_first_row_and_are_counted(tmp_path):
+    ml = tmp_path / "ml"
+    _write(ml / "movies.csv", "movieId,title,genres\n1,Heat (1995),Crime\n2,Alien (1979),Horror\n1,Heat 2 (2026),X\n")
+    _write(ml / "ratings.csv", "userId,movieId,rating,timestamp\n1,1,4,100\n1,2,5,101\n")
+    catalog, _ = load_source(_cfg(source="movielens", path=str(ml)), s := SkipLog())
+    assert catalog["1"].title == "Heat" and len(catalog) == 2 and dict(s.counts) == {"duplicate_item": 1}
+    folder = _goodbooks(tmp_path / "gb", books_extra="2,Someone,1999,,Another Hobbit\n")
+    catalog, _ = load_source(_cfg(source="goodbooks", path=str(folder)), s := SkipLog())
+    assert catalog["2"].title == "The\nHobbit" and dict(s.counts) == {"duplicate_item": 1}
+    items = _write(tmp_path / "items.csv", "item_id,title\nx,First X\ny,Y\nx,Second X\n")
+    log = _write(tmp_path / "log.csv", "user_id,item_id\nu,x\nu,y\n")
+    catalog, _ = load_source(_cfg(source="generic", path=str(log), items_path=str(items)), s := SkipLog())
+    assert catalog["x"].title == "First X" and s.examples["duplicate_item"][0].split(": ")[0].endswith("items.csv:4")
+    # the built-in source's own catalog file (data.catalog): a bad file is one message naming it
+    bad = _write(tmp_path / "films.jsonl", '{"item_id": "a", "title": "A"}\n{"item_id": "a", "title": "B"}\n')
+    with pytest.raises(DataError, match=r"films.jsonl: catalog has duplicate item_id values"):
+        load_source(_cfg(catalog=str(bad)), SkipLog())
+    _write(bad, '{"item_id": "a", "title": "A"}\n{"item_id": "b"}\n')
+    with pytest.raises(DataError, match=r"films.jsonl:2: bad catalog row \(needs item_id and title\)"):
+        load_source(_cfg(catalog=str(bad)), SkipLog())

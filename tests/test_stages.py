@@ -180,6 +180,14 @@ def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
     assert {"text", "reward", "learned", "in_catalog", "has_k"} <= set(rollouts[0])
 
 
+def test_ppo_with_fewer_prompts_than_a_batch_is_a_config_error(tiny_reward, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_reward, run)
+    proc = rlhf("ppo", "--run", run, "--config", TINY, "ppo.max_prompts=2", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 PPO prompts is fewer than ppo.batch_size=4" in proc.stderr
+
+
 def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_reward, run, ignore=shutil.ignore_patterns("ppo", "eval"))
