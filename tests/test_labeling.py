@@ -117,7 +117,7 @@ def server(run: Path, round_no: int, tokens: Path, port: int, fsync_spy: Path | 
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                proc.wait(timeout=30)
 
 
 def request_full(port, method, path, token=None, body=None, raw=None, headers=None, chunks=None):

@@ -212,7 +212,7 @@ def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
         time.sleep(0.2)
     assert ckpt.exists(), "no checkpoint appeared"
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run: update 3 is in flight or about to be
-    proc.wait()
+    proc.wait(timeout=60)
     assert not (run / "ppo" / "adapter").exists()
     rlhf("ppo", "--run", run, "--config", TINY, "ppo.total_updates=5", "ppo.checkpoint_every=2", "--resume")
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
