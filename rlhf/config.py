@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,7 +452,10 @@ def save_resolved(cfg: Config, run_dir: Path, sections: list[str]) -> Path:
     full = cfg.to_dict()
     for s in ["run", "model", *sections]:
         current[s] = full[s]
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(current, sort_keys=False))
+    # every rank of a multi-process launch writes it at once: each through its own temporary file
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".config.yaml.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(yaml.safe_dump(current, sort_keys=False))
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make config.yaml private
     os.replace(tmp, target)
     return target
