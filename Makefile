@@ -67,8 +67,14 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The tests run in a random order (pytest-randomly): each must get what it needs from fixtures, never from
+# a test that ran before it. The seed is printed; `make test SEED=N` reruns that order.
+ifndef SEED
+SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
+endif
 test: setup check-lock system-deps lint
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	@echo "pytest-randomly seed: $(SEED) (this order again: make test SEED=$(SEED))"
+	$(VENV)/bin/pytest -q -p no:cacheprovider -p randomly --randomly-seed=$(SEED) tests
 
 demo: setup
 	$(VENV)/bin/rlhf pipeline --config recipes/demo.yaml --run $(DEMO_RUN)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from reward_models.encoding import encode, score_sequences
 from reward_models.pairs import balance, load_pairs, source_family, split_by_user
-from rlhf.config import Config, save_resolved
+from rlhf.config import Config, ConfigError, save_resolved
 from rlhf.models import gpu_peak_gb, load_reward_model
-from rlhf.runs import RunDir
+from rlhf.runs import MissingInput, RunDir
 
 
 def _tokenized(rows, tokenizer, max_length: int, use_margin: bool):
@@ -70,7 +70,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     dtype = resolve(mc, "reward")
     rows, report = load_pairs(run, rc.sources)
     if not rows:
-        raise ValueError(
+        raise MissingInput(
             f"no preference pairs for sources {rc.sources} under {run.data.pairs_dir}; "
             "run `rlhf data prepare` (and `rlhf label import` for labels)"
         )
@@ -95,7 +95,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     if rc.max_train_examples:
         train_ex = train_ex[: rc.max_train_examples]
     if not train_ex:
-        raise ValueError(f"every training pair is longer than reward.max_length={rc.max_length}; raise it")
+        raise ConfigError(f"every training pair is longer than reward.max_length={rc.max_length}; raise it")
 
     def load_truncated(path: str, dtype: str = "float32"):
         model = truncate_layers(load_reward_model(path, dtype), rc.layers)

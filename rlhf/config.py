@@ -221,8 +221,10 @@ class RewardConfig(TrainCommon):
         _choice("reward.init", self.init, ("auto", "sft", "base"))
         _choice("reward.behaviour_model", self.behaviour_model, ("itemknn", "ease", "popularity", "none"))
         bad = set(self.sources) - {"ratings", "clicks", "simulator", "labels"}
-        if bad:
-            raise ConfigError(f"reward.sources has unknown {sorted(bad)}; use ratings, clicks, simulator, labels")
+        if bad or not self.sources:
+            raise ConfigError(
+                f"reward.sources={self.sources} must name one or more of ratings, clicks, simulator, labels"
+            )
 
 
 def _reward_weights(given: dict, where: str) -> dict:
@@ -409,7 +411,7 @@ def _coerce(value: Any, tp, where: str):
             pass
     if origin is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
-    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+    if dataclasses.is_dataclass(tp):  # a nested section, e.g. ppo.rules: a mapping or nothing
         return _build(tp, value, where)
     expected = {int: int, float: float, str: str, bool: bool, list: list, dict: dict}.get(origin)
     if expected is not None:
@@ -455,6 +457,9 @@ def read_sections(path: str | os.PathLike) -> dict:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{p}: unknown section(s) {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+    for k, v in raw.items():
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{p}: section {k} must be a mapping of fields, got {type(v).__name__}")
     return {k: dict(v or {}) for k, v in raw.items()}
 
 

@@ -35,7 +35,9 @@ class HeldOutUsers:
         rows = run.rows(run.data.prompts(split))
         self.rows = rows[:max_users] if max_users else rows
         if not self.rows:
-            raise ValueError(f"no held-out prompts in {run.data.prompts(split)}")
+            from rlhf.interactions import DataError
+
+            raise DataError(f"no held-out prompts in {run.data.prompts(split)}; try another --split")
         self.popularity, self.n_users = Counter(), 0
         for u in self._split_rows():
             self.popularity.update({h[0] for h in u["history"]})

@@ -6,15 +6,17 @@ to_read), ``impression_id`` (str, "" when none), ``position`` (int, -1 when none
 text, "" when none).
 
 Bad input policy (also in the README):
-- a row with too few fields, a non-numeric rating, or an unparsable timestamp: skipped, counted
-  under its reason, the first examples kept as ``file:line: detail``;
+- a row with too few fields (or a CSV field over 131,072 characters), a non-numeric rating, or an
+  unparsable timestamp: skipped, counted under its reason, the first examples kept as ``file:line: detail``
+  (the line a record starts on);
 - an interaction whose item is not in the items file: skipped and counted (``unknown_item``);
 - an exact duplicate (same user, item, timestamp, event): kept once, the rest counted;
-- a missing or empty file, a file that is not UTF-8 (except MovieLens-100K's Latin-1 ``u.item``),
-  or a source where every row was skipped: a ``DataError`` naming the file and what would fix it.
+- a missing or empty file, a CSV header without a column the source needs, a file that is not UTF-8
+  (except MovieLens-100K's Latin-1 ``u.item``), or a source where every row was skipped: a ``DataError``
+  naming the file and what would fix it.
 
-Rows are read line by line and collected in Arrow record batches, so memory holds columnar data,
-never one Python object per row.
+Rows are read as a stream (a CSV record may span lines inside quotes) and collected in Arrow record
+batches, so memory holds columnar data, never one Python object per row.
 """
 
 from __future__ import annotations
@@ -127,12 +129,13 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
-def _lines(path: Path, encoding: str = "utf-8"):
+def _lines(path: Path, encoding: str = "utf-8", keepends: bool = False):
     """Yield (lineno, text) and turn a decoding failure into an error naming the line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
-                yield lineno, raw.decode(encoding).rstrip("\r\n")
+                text = raw.decode(encoding)
+                yield lineno, text if keepends else text.rstrip("\r\n")
             except UnicodeDecodeError:
                 raise DataError(
                     f"{path}:{lineno}: not valid {encoding}; re-encode the file as UTF-8 "
@@ -140,17 +143,44 @@ def _lines(path: Path, encoding: str = "utf-8"):
                 ) from None
 
 
-def _csv_rows(path: Path, encoding="utf-8"):
-    """(lineno, dict) per CSV record, streaming; the header defines the keys."""
+def _csv_rows(path: Path, encoding="utf-8", required=()):
+    """(lineno, record, detail) per CSV record, streaming; lineno is the line the record starts on.
+
+    The file is parsed as CSV, not cut into lines first, so a quoted field may hold newlines (descriptions,
+    titles). The header defines the keys; a column of ``required`` missing from it (a tuple: one of them) is
+    a DataError naming the file. A record with fewer fields than the header, or with a field over the csv
+    module's limit (131,072 characters, which also bounds what an unclosed quote can swallow), comes back as
+    (lineno, None, why) and reading goes on with the next line.
+    """
+    reader = csv.reader(text for _, text in _lines(path, encoding, keepends=True))
     header = None
-    for lineno, line in _lines(path, encoding):
-        if not line.strip():
+    while True:
+        start = reader.line_num + 1
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield start, None, str(e)
             continue
-        fields = next(csv.reader([line]))
+        if len(fields) <= 1 and not "".join(fields).strip():
+            continue  # a blank line
         if header is None:
             header = [h.strip().lstrip("\ufeff") for h in fields]
+            missing = [
+                "/".join(c) if isinstance(c, tuple) else c
+                for c in required
+                if not (set(c) if isinstance(c, tuple) else {c}) & set(header)
+            ]
+            if missing:
+                raise DataError(
+                    f"{path}:{start}: missing column(s) {', '.join(missing)}; the header has {', '.join(header)}"
+                )
             continue
-        yield lineno, dict(zip(header, fields)) if len(fields) >= len(header) else None, header
+        if len(fields) < len(header):
+            yield start, None, f"expected {len(header)} fields, got {len(fields)}"
+        else:
+            yield start, dict(zip(header, fields)), ""
 
 
 def _parse_ts(value) -> int:
@@ -187,6 +217,18 @@ def _clip_text(text, skips: SkipLog, where: str) -> str:
     return text
 
 
+def _catalog(items: list[Item], skips: SkipLog, where) -> Catalog:
+    """The catalog of each id's first row; a later row with the same id is skipped and counted."""
+    seen, unique = set(), []
+    for it in items:
+        if it.item_id in seen:
+            skips.skip("duplicate_item", str(where), f"item id {it.item_id!r} again; its first row is kept")
+            continue
+        seen.add(it.item_id)
+        unique.append(it)
+    return Catalog(unique)
+
+
 # -- MovieLens ---------------------------------------------------------------------------------
 def load_movielens_100k(folder: Path, skips: SkipLog):
     items = []
@@ -202,7 +244,7 @@ def load_movielens_100k(folder: Path, skips: SkipLog):
             if flag.strip() == "1" and g != "unknown"
         ]
         items.append(Item(parts[0], title, {"year": year, "genres": genres}))
-    catalog = Catalog(items)
+    catalog = _catalog(items, skips, folder / "u.item")
     rows = _Collector()
     data = _need(folder / "u.data", "MovieLens-100K ratings")
     for lineno, line in _lines(data):
@@ -238,20 +280,20 @@ def _add_rating(rows, skips, catalog, where, user, item, rating, ts, event="rati
 def load_movielens(folder: Path, skips: SkipLog):
     movies = _need(folder / "movies.csv", "MovieLens movies.csv")
     items = []
-    for lineno, rec, _ in _csv_rows(movies):
+    for lineno, rec, why in _csv_rows(movies, required=("movieId", "title")):
         if rec is None or not rec.get("movieId") or not rec.get("title"):
-            skips.skip("malformed_item", f"{movies}:{lineno}", "needs movieId,title,genres")
+            skips.skip("malformed_item", f"{movies}:{lineno}", why or "needs movieId,title,genres")
             continue
         title, year = split_year(rec["title"])
         genres = [g for g in (rec.get("genres") or "").split("|") if g and g != "(no genres listed)"]
         items.append(Item(rec["movieId"], title, {"year": year, "genres": genres}))
-    catalog = Catalog(items)
+    catalog = _catalog(items, skips, movies)
     rows = _Collector()
     ratings = _need(folder / "ratings.csv", "MovieLens ratings.csv")
-    for lineno, rec, header in _csv_rows(ratings):
+    for lineno, rec, why in _csv_rows(ratings, required=("userId", "movieId", "rating", "timestamp")):
         where = f"{ratings}:{lineno}"
         if rec is None:
-            skips.skip("malformed_row", where, f"expected {len(header)} fields")
+            skips.skip("malformed_row", where, why)
             continue
         _add_rating(
             rows, skips, catalog, where, rec.get("userId"), rec.get("movieId"), rec.get("rating"), rec.get("timestamp")
@@ -265,9 +307,10 @@ def load_goodbooks(folder: Path, skips: SkipLog):
     if not books.exists() and (folder / "sample_books.csv").exists():
         books = folder / "sample_books.csv"
     items = []
-    for lineno, rec, _ in _csv_rows(_need(books, "goodbooks books.csv")):
+    books_required = ("book_id", ("title", "original_title"))
+    for lineno, rec, why in _csv_rows(_need(books, "goodbooks books.csv"), required=books_required):
         if rec is None or not rec.get("book_id") or not (rec.get("title") or rec.get("original_title")):
-            skips.skip("malformed_item", f"{books}:{lineno}", "needs book_id and title")
+            skips.skip("malformed_item", f"{books}:{lineno}", why or "needs book_id and title")
             continue
         year = rec.get("original_publication_year")
         try:
@@ -277,24 +320,25 @@ def load_goodbooks(folder: Path, skips: SkipLog):
         title = rec.get("original_title") or rec["title"]
         attrs = {"year": year, "authors": [a.strip() for a in (rec.get("authors") or "").split(",") if a.strip()]}
         items.append(Item(rec["book_id"], title, attrs, description=rec.get("title", "")))
-    catalog = Catalog(items)
+    catalog = _catalog(items, skips, books)
     rows = _Collector()
     ratings = folder / "ratings.csv"
     if not ratings.exists() and (folder / "sample_ratings.csv").exists():
         ratings = folder / "sample_ratings.csv"
     # goodbooks has no timestamps: the file order within a user stands in for time (documented)
-    for lineno, rec, header in _csv_rows(_need(ratings, "goodbooks ratings.csv")):
+    ratings_required = ("user_id", "book_id", "rating")
+    for lineno, rec, why in _csv_rows(_need(ratings, "goodbooks ratings.csv"), required=ratings_required):
         where = f"{ratings}:{lineno}"
         if rec is None:
-            skips.skip("malformed_row", where, f"expected {len(header)} fields")
+            skips.skip("malformed_row", where, why)
             continue
         _add_rating(rows, skips, catalog, where, rec.get("user_id"), rec.get("book_id"), rec.get("rating"), lineno)
     to_read = folder / ("to_read.csv" if (folder / "to_read.csv").exists() else "sample_to_read.csv")
     if to_read.exists() and to_read.stat().st_size:
-        for lineno, rec, header in _csv_rows(to_read):
+        for lineno, rec, why in _csv_rows(to_read, required=("user_id", "book_id")):
             where = f"{to_read}:{lineno}"
             if rec is None:
-                skips.skip("malformed_row", where, f"expected {len(header)} fields")
+                skips.skip("malformed_row", where, why)
                 continue
             _add_rating(
                 rows, skips, catalog, where, rec.get("user_id"), rec.get("book_id"), "", lineno, event="to_read"
@@ -326,7 +370,7 @@ def load_amazon(path: Path, meta_path: str, skips: SkipLog):
         found = sorted(glob.glob(str(reviews.parent / "meta*.jsonl")))
         if not found:
             raise DataError(f"{reviews.parent}: no meta*.jsonl beside the reviews; pass --meta-path")
-        meta = Path(found[0])
+        meta = _need(Path(found[0]), "Amazon metadata JSONL")
     items = []
     for lineno, rec in _jsonl(meta, skips):
         iid = rec.get("parent_asin") or rec.get("asin")
@@ -342,14 +386,7 @@ def load_amazon(path: Path, meta_path: str, skips: SkipLog):
             desc = " ".join(map(str, desc))
         attrs = {"genres": [str(c) for c in cats][-3:], "brand": rec.get("store") or rec.get("brand") or ""}
         items.append(Item(str(iid), title.strip()[:300], attrs, _clip_text(desc, skips, f"{meta}:{lineno}")[:500]))
-    seen, unique = set(), []
-    for it in items:
-        if it.item_id in seen:
-            skips.skip("duplicate_item", str(meta), it.item_id)
-            continue
-        seen.add(it.item_id)
-        unique.append(it)
-    catalog = Catalog(unique)
+    catalog = _catalog(items, skips, meta)
     rows = _Collector()
     for lineno, rec in _jsonl(reviews, skips):
         where = f"{reviews}:{lineno}"
@@ -365,12 +402,18 @@ def load_amazon(path: Path, meta_path: str, skips: SkipLog):
 
 
 # -- generic CSV / JSONL / Parquet ---------------------------------------------------------------
-def _records(path: Path, skips: SkipLog):
+def _records(path: Path, skips: SkipLog, required=()):
+    """(number, record) per row of a CSV, JSONL or Parquet file; ``required`` columns as in ``_csv_rows``
+    (checked against a CSV header or the Parquet schema; JSONL rows have none, so they are checked per row)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
+        names = set(pf.schema_arrow.names)
+        missing = [c for c in required if not (set(c) if isinstance(c, tuple) else {c}) & names]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {missing}; it has {sorted(names)}")
         n = 0
         for batch in pf.iter_batches(batch_size=50_000):
             for rec in batch.to_pylist():
@@ -379,9 +422,9 @@ def _records(path: Path, skips: SkipLog):
     elif suffix in (".jsonl", ".json"):
         yield from _jsonl(path, skips)
     else:
-        for lineno, rec, header in _csv_rows(path):
+        for lineno, rec, why in _csv_rows(path, required=required):
             if rec is None:
-                skips.skip("malformed_row", f"{path}:{lineno}", f"expected {len(header)} fields")
+                skips.skip("malformed_row", f"{path}:{lineno}", why)
                 continue
             yield lineno, rec
 
@@ -400,16 +443,23 @@ def load_generic(path: Path, columns: dict, items_path: str, skips: SkipLog):
     items: dict[str, Item] = {}
     if items_path:
         ip = _need(Path(items_path), "generic items file")
-        for lineno, rec in _records(ip, skips):
+        item_cols = ((cols["item_id"], "item_id"), (cols["title"], "title"))
+        for lineno, rec in _records(ip, skips, required=item_cols):
             iid, title = rec.get(cols["item_id"]) or rec.get("item_id"), rec.get(cols["title"]) or rec.get("title")
             if not iid or not title:
                 skips.skip("malformed_item", f"{ip}:{lineno}", "needs item_id and title")
+                continue
+            if str(iid) in items:
+                skips.skip("duplicate_item", f"{ip}:{lineno}", f"item id {iid!r} again; its first row is kept")
                 continue
             attrs = {k: v for k, v in rec.items() if k not in (cols["item_id"], cols["title"], "item_id", "title")}
             items[str(iid)] = Item(str(iid), str(title)[:300], attrs)
     rows = _Collector()
     pending_titles = not items_path
-    for lineno, rec in _records(src, skips):
+    # the ids, and every column the recipe names, must exist: a misspelt mapping is an error, not NaN ratings
+    named = [v for k, v in (columns or {}).items() if not (items_path and k == "title")]  # titles: the items file
+    required = dict.fromkeys([cols["user_id"], cols["item_id"], *named])
+    for lineno, rec in _records(src, skips, required=tuple(required)):
         where = f"{src}:{lineno}"
         iid = rec.get(cols["item_id"])
         if pending_titles and iid not in (None, "") and str(iid) not in items:
@@ -436,7 +486,13 @@ def load_generic(path: Path, columns: dict, items_path: str, skips: SkipLog):
 def load_builtin(cfg, skips: SkipLog):
     from rlhf.data.simulator import Simulator
 
-    catalog = Catalog.load_jsonl(cfg.catalog) if cfg.catalog else Catalog.builtin()
+    try:
+        catalog = (
+            Catalog.load_jsonl(_need(Path(cfg.catalog), "data.catalog JSONL")) if cfg.catalog else Catalog.builtin()
+        )
+    except ValueError as e:  # a bad row (the message names file and line) or repeated ids (it does not)
+        where = str(Path(cfg.catalog))
+        raise DataError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
     sim = Simulator(catalog, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     rows = _Collector()

@@ -61,7 +61,9 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     rows = run.rows(run.data.prompts("train"))
     rows = rows[: ppo_cfg.max_prompts] if ppo_cfg.max_prompts else rows
     if len(rows) < ppo_cfg.batch_size:
-        raise ValueError(f"{len(rows)} PPO prompts is fewer than ppo.batch_size={ppo_cfg.batch_size}")
+        from rlhf.config import ConfigError
+
+        raise ConfigError(f"{len(rows)} PPO prompts is fewer than ppo.batch_size={ppo_cfg.batch_size}; lower it")
     ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
     policy = load_causal_lm(str(sft_path), base_dtype(model_cfg), model_cfg.load_in_4bit)
     policy.generation_config.pad_token_id = tokenizer.pad_token_id

@@ -42,6 +42,7 @@ def atomic_write(path: Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: the run's files stay readable as before
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

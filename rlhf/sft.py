@@ -58,7 +58,12 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     rows = run.rows(run.data.sft("train"))
     val_rows = run.rows(run.data.sft("val"))
     if not rows:
-        raise ValueError(f"{run.data.sft('train')} has no examples; users need at least K+2 interactions")
+        from rlhf.interactions import DataError
+
+        raise DataError(
+            f"{run.data.sft('train')} has no examples; users need at least K+2 interactions "
+            "(lower data.k or data.min_history and prepare the data again)"
+        )
     meta, catalog = run.meta(), run.catalog()
     out = run.sft
     out.dir.mkdir(parents=True, exist_ok=True)

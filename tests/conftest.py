@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "recipes" / "tiny.yaml")
-SHARED = ROOT.parent / "shared" / "datasets" / "goodbooks-10k"
+# CI puts the shared datasets beside the checkout; REC_RLHF_SHARED points elsewhere (e.g. from a git worktree)
+SHARED = Path(os.environ.get("REC_RLHF_SHARED") or ROOT.parent / "shared") / "datasets" / "goodbooks-10k"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -37,29 +39,46 @@ def rlhf(*args, check=True, env=None, timeout=900):
     return proc
 
 
+# Each stage's fixture is its own run directory: a copy of the previous stage's run with one more stage
+# done, never changed afterwards. A test gets exactly the stages it names, whatever ran before it (the
+# suite runs in random order), and one that writes copies the run first.
+def _next_stage(previous: Path, tmp_path_factory, name: str, *args) -> Path:
+    run = tmp_path_factory.mktemp(f"tiny-{name}") / "run"
+    shutil.copytree(previous, run)
+    rlhf(name, "--run", run, "--config", TINY, *args)
+    return run
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    run = tmp_path_factory.mktemp("tiny") / "run"
+    """Prepared data only (data/, config.yaml)."""
+    run = tmp_path_factory.mktemp("tiny-data") / "run"
     rlhf("data", "prepare", "--out", run, "--config", TINY)
     return run
 
 
 @pytest.fixture(scope="session")
-def tiny_sft(tiny_data):
-    rlhf("sft", "--run", tiny_data, "--config", TINY)
-    return tiny_data
+def tiny_sft(tiny_data, tmp_path_factory):
+    """+ sft/"""
+    return _next_stage(tiny_data, tmp_path_factory, "sft")
 
 
 @pytest.fixture(scope="session")
-def tiny_reward(tiny_sft):
-    rlhf("reward", "--run", tiny_sft, "--config", TINY)
-    return tiny_sft
+def tiny_reward(tiny_sft, tmp_path_factory):
+    """+ reward/"""
+    return _next_stage(tiny_sft, tmp_path_factory, "reward")
 
 
 @pytest.fixture(scope="session")
-def tiny_ppo(tiny_reward):
-    rlhf("ppo", "--run", tiny_reward, "--config", TINY)
-    return tiny_reward
+def tiny_ppo(tiny_reward, tmp_path_factory):
+    """+ ppo/"""
+    return _next_stage(tiny_reward, tmp_path_factory, "ppo")
+
+
+@pytest.fixture(scope="session")
+def tiny_eval(tiny_ppo, tmp_path_factory):
+    """+ eval/ (base, SFT and PPO against the baselines)"""
+    return _next_stage(tiny_ppo, tmp_path_factory, "eval")
 
 
 def read_jsonl(path: Path) -> list[dict]:

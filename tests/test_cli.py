@@ -1,10 +1,41 @@
-from conftest import rlhf
+import pytest
+from conftest import TINY, rlhf
+
+from rlhf.cli import build_parser, main
+
+COMMANDS = ("data", "sft", "reward", "ppo", "eval", "recommend", "label", "export", "pipeline")
 
 
-def test_help_lists_every_stage():
-    out = rlhf("--help").stdout
-    for stage in ("data", "sft", "reward", "ppo", "eval", "recommend", "label", "export", "pipeline"):
-        assert stage in out
+def test_every_command_reaches_its_own_stage(tmp_path, capfd):
+    """Each command runs its own stage's code: on an empty run directory every one stops at the first input
+    that stage reads, names it and the command that makes it, and exits 1 without a traceback."""
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert tuple(subcommands) == COMMANDS
+    run = tmp_path / "empty"
+    cases = [
+        (["data", "prepare", "--source", "movielens", "--path", tmp_path / "nope", "--out", run], "nope/movies.csv"),
+        (["sft", "--run", run], "data/sft/train.parquet is missing; make it with: rlhf data prepare"),
+        (["reward", "--run", run], "data/pairs is missing; make it with: rlhf data prepare"),
+        (["ppo", "--run", run], "sft/merged is missing; make it with: rlhf sft --run"),
+        (["eval", "--run", run], "data/meta.json is missing; make it with: rlhf data prepare"),
+        (["recommend", "--run", run, "--history", "Alien"], "data/meta.json is missing"),
+        (["label", "export", "--run", run, "--round", "2"], "data/catalog.jsonl is missing"),
+        (["label", "serve", "--run", run, "--round", "2"], "round-002/batch.jsonl is missing; make it with: rlhf la"),
+        (["label", "import", "--run", run, "--round", "3"], "round-003/batch.jsonl is missing"),
+        (["label", "simulate", "--run", run, "--round", "2"], "data/meta.json is missing"),
+        (["export", "--run", run, "--out", tmp_path / "x"], "sft/merged is missing; make it with: rlhf sft --run"),
+    ]
+    for argv, says in cases:
+        assert main([str(a) for a in argv] + ["--model", "tiny"]) == 1, argv
+        err = capfd.readouterr().err
+        assert f"rlhf {argv[0]}: error: " in err and says in err and "Traceback" not in err, (argv, err)
+    # pipeline: the data stage runs in its own process with the overrides, fails, and the pipeline stops
+    with pytest.raises(SystemExit) as stop:
+        main(["pipeline", "--run", str(run), "data.source=movielens", f"data.path={tmp_path / 'nope'}"])
+    assert stop.value.code == 1
+    out = capfd.readouterr()
+    assert "[1/5] data: running" in out.out and "nope/movies.csv: not found" in out.err
+    assert "[1/5] data: failed (exit 1)" in out.err and "[2/5]" not in out.out
 
 
 def test_label_and_export_on_an_empty_run_name_what_is_missing(tmp_path):
@@ -30,9 +61,111 @@ def test_missing_inputs_name_the_command_that_makes_them(tmp_path):
     assert proc.returncode == 1 and "rlhf sft --run" in proc.stderr
 
 
+def _config_cases():
+    import importlib.util
+
+    import torch
+
+    cases = [  # (overrides, or a recipe's text as {"recipe": ...}; what the message must say)
+        (["model.dtype=fp8"], "model.dtype='fp8' is not one of"),
+        (["model.lora_r=0"], "model.lora_r must be >= 1"),
+        (["model.load_in_4bit=true", "model.use_lora=false"], "model.load_in_4bit (QLoRA) trains adapters only"),
+        (["data.source=csv"], "data.source='csv' is not one of"),
+        (["data.mode=rank"], "data.mode='rank' is not one of"),
+        (["data.retriever=bm25"], "data.retriever='bm25' is not one of"),
+        (["data.split=random"], "data.split='random' is not one of"),
+        (["data.source=goodbooks"], "data.source=goodbooks needs data.path"),
+        (["data.k=0"], "data.k must be >= 1"),
+        (["data.mode=rerank", "data.num_candidates=5"], "data.num_candidates (5) must exceed data.k (5)"),
+        (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data.val_fraction and data.test_fraction"),
+        (["data.source=generic", "data.path=x", "data.columns={user_id: u}"], "data.columns must map at least"),
+        (["sft.learning_rate=0"], "sft.learning_rate must be > 0"),
+        (["reward.grad_accum=0"], "reward.batch_size and reward.grad_accum must be >= 1"),
+        (["sft.max_steps=-5"], "sft.max_steps must be > 0, or -1"),
+        (["reward.init=random"], "reward.init='random' is not one of"),
+        (["reward.sources=ratings,votes"], "reward.sources=['ratings', 'votes'] must name"),
+        (["reward.sources="], "reward.sources=[] must name one or more"),
+        (["ppo.kl_estimator=k2"], "ppo.kl_estimator='k2' is not one of"),
+        (["ppo.lr_scheduler=cosine"], "ppo.lr_scheduler='cosine' is not one of"),
+        (["ppo.report_to=wandb"], "ppo.report_to='wandb' is not one of"),
+        (["ppo.batch_size=6", "ppo.mini_batches=4"], "ppo.batch_size (6) must be divisible by ppo.mini_batches (4)"),
+        (["ppo.total_updates=0"], "ppo.total_updates and ppo.checkpoint_every must be >= 1"),
+        (["ppo.checkpoint_every=0"], "ppo.total_updates and ppo.checkpoint_every must be >= 1"),
+        (["ppo.kl_coef=-0.1"], "ppo.kl_coef must be >= 0"),
+        (["ppo.value_layers=-1"], "ppo.value_layers must be >= 0"),
+        (["ppo.gamma=1.5"], "ppo.gamma must be in [0, 1], got 1.5"),
+        (["ppo.lam=-0.1"], "ppo.lam must be in [0, 1], got -0.1"),
+        (["ppo.rules=5"], "section ppo.rules must be a mapping"),
+        (["ppo.rules.bogus=1"], "unknown field(s) ppo.rules.bogus"),
+        (["eval.split=train"], "eval.split='train' is not one of"),
+        (["eval.stages=base,dpo"], "eval.stages has unknown ['dpo']"),
+        (["label.split=train"], "label.split='train' is not one of"),
+        (["label.candidates=5"], "label.candidates=5 must be 2, 3 or 4"),
+        (["label.stages=dpo"], "label.stages=['dpo'] must be a non-empty list"),
+        (["label.noise=-1"], "label.noise >= 0"),
+        (["label.labelers=0"], "label.labelers must be >= 1"),
+        (["label.port=70000"], "label.port=70000 is not a TCP port"),
+        (["sft.max_steps=abc"], "sft.max_steps expects int, got 'abc'"),
+        (["run.seed=1.5"], "run.seed expects int, got 1.5"),
+        (["model.use_lora=maybe"], "model.use_lora expects bool"),
+        (["data.columns=abc"], "data.columns expects dict"),
+        (["sft.lr=1"], "unknown field(s) sft.lr"),
+        (["lr=1"], "unknown field(s) sft.lr"),  # a bare field means the stage's own section
+        (["nonsense"], "override 'nonsense' must look like section.field=value"),
+        ({"recipe": "sft: [1, 2]\n"}, "recipe.yaml: section sft must be a mapping of fields, got list"),
+        ({"recipe": "sft: [1, 2\n"}, "is not valid YAML"),
+        ({"recipe": "- sft\n- ppo\n"}, "must be a mapping of sections"),
+        ({"recipe": "training:\n  x: 1\n"}, "unknown section(s) ['training']"),
+        ({"recipe": "ppo:\n  batch_size: 7\n"}, "ppo.batch_size (7) must be divisible"),
+        ({"recipe": None}, "does not exist"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["model.load_in_4bit=true"], "model.load_in_4bit (QLoRA) needs a CUDA GPU"))
+    if importlib.util.find_spec("tensorboard") is None:
+        cases.append((["ppo.report_to=tensorboard"], "needs the tensorboard package: pip install tensorboard"))
+    return cases
+
+
+@pytest.mark.parametrize("given, says", _config_cases())
+def test_config_errors_name_the_field_and_exit_2(tmp_path, capsys, given, says):
+    """Every check in rlhf/config.py, through the CLI: `rlhf sft: config error: <message naming the field>`,
+    exit 2 (a usage error, as argparse's own), no traceback, and nothing written."""
+    run = tmp_path / "run"
+    if isinstance(given, dict):
+        recipe = tmp_path / "recipe.yaml"
+        if given["recipe"] is not None:
+            recipe.write_text(given["recipe"])
+        argv = ["sft", "--run", str(run), "--config", str(recipe)]
+    else:
+        argv = ["sft", "--run", str(run), *given]
+    assert main(argv) == 2  # a traceback would raise here instead
+    err = capsys.readouterr().err
+    assert err.startswith("rlhf sft: config error: ") and says in err, err
+    assert not run.exists()
+
+
 def test_config_errors_exit_2_without_traceback(tmp_path):
     proc = rlhf("sft", "--run", tmp_path, "max_steps=-5", check=False)
     assert proc.returncode == 2
     assert "sft.max_steps" in proc.stderr and "Traceback" not in proc.stderr
     proc = rlhf("nosuchstage", check=False)
     assert proc.returncode == 2
+    # commands without a section of their own take section.field only
+    proc = rlhf("export", "--run", tmp_path, "--out", tmp_path / "x", "foo=1", check=False)
+    assert proc.returncode == 2 and "override 'foo=1': unknown section 'foo'" in proc.stderr
+
+
+def test_stage_input_errors_are_one_message_not_a_traceback(tmp_path):
+    """Prepared data a stage cannot use (K larger than any history, no validation users), and reward options
+    that leave nothing to train on: one message naming the file or field, exit 1 (data) or 2 (config)."""
+    run = tmp_path / "run"
+    rlhf("data", "prepare", "--out", run, "--config", TINY, "data.val_fraction=0", "data.k=40")
+    cases = [
+        (["sft", "--run", run], 1, "data/sft/train.parquet has no examples; users need at least K+2 interactions"),
+        (["eval", "--run", run, "--split", "val"], 1, "no held-out prompts in"),
+        (["reward", "--run", run, "--sources", "labels"], 1, "no preference pairs for sources ['labels']"),
+        (["reward", "--run", run, "reward.max_length=10"], 2, "longer than reward.max_length=10; raise it"),
+    ]
+    for argv, code, says in cases:
+        proc = rlhf(*argv, "--config", TINY, check=False)
+        assert proc.returncode == code and says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)

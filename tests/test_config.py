@@ -61,3 +61,28 @@ def test_resolved_config_is_merged_per_stage(tmp_path):
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["sft"]["max_steps"] == 3 and saved["reward"]["max_steps"] == 9
     assert saved["model"]["name"] == "tiny"
+
+
+def test_resolved_config_survives_concurrent_writers(tmp_path):
+    """Every rank of a multi-process launch saves the resolved config at once: no writer may fail on
+    another's temporary file, and the result is one whole YAML file with nothing left beside it."""
+    import threading
+
+    cfg = load_config(TINY)
+    errors = []
+
+    def save():
+        try:
+            for _ in range(30):
+                save_resolved(cfg, tmp_path, ["sft"])
+        except Exception as e:  # noqa: BLE001 - any failure is the finding
+            errors.append(e)
+
+    threads = [threading.Thread(target=save) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["sft"]["max_steps"] == cfg.sft.max_steps
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]

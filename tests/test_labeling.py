@@ -49,13 +49,38 @@ def tokens_file(path: Path, n: int) -> dict[str, str]:
     return tokens
 
 
+# Runs `rlhf` with os.fsync and os.fdatasync wrapped: each call goes through to the real one, then
+# appends "<inode> <size>" of the synced file to the spy log (argv[1]) with an unbuffered O_APPEND write,
+# so the record survives a SIGKILL of the process and says how much of each file was on disk.
+FSYNC_SPY = r"""
+import os, sys
+spy_log = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+def wrap(real):
+    def synced(fd):
+        real(fd)
+        st = os.fstat(fd)
+        os.write(spy_log, f"{st.st_ino} {st.st_size}\n".encode())
+    return synced
+os.fsync, os.fdatasync = wrap(os.fsync), wrap(os.fdatasync)
+from rlhf.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def synced_bytes(spy_log: Path, path: Path) -> int:
+    """The most of ``path`` an fsync ever covered, from the spy's log (0 when it was never synced)."""
+    ino = path.stat().st_ino
+    sizes = [int(size) for line in spy_log.read_text().splitlines() for i, size in [line.split()] if int(i) == ino]
+    return max(sizes, default=0)
+
+
 @contextlib.contextmanager
-def server(run: Path, round_no: int, tokens: Path, port: int):
+def server(run: Path, round_no: int, tokens: Path, port: int, fsync_spy: Path | None = None):
+    launcher = ["-c", FSYNC_SPY, str(fsync_spy)] if fsync_spy else ["-m", "rlhf"]
     proc = subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "rlhf",
+            *launcher,
             "label",
             "serve",
             "--run",
@@ -71,6 +96,7 @@ def server(run: Path, round_no: int, tokens: Path, port: int):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     try:
         deadline = time.time() + 60
@@ -91,28 +117,39 @@ def server(run: Path, round_no: int, tokens: Path, port: int):
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                proc.wait(timeout=30)
 
 
-def request(port, method, path, token=None, body=None, raw: bytes | None = None, headers=None):
+def request_full(port, method, path, token=None, body=None, raw=None, headers=None, chunks=None):
+    """(status, payload, headers) of one request; ``chunks`` sends the body chunked, with no Content-Length."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     h = dict(headers or {})
     if token:
         h["Authorization"] = f"Bearer {token}"
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    if chunks is not None:
+        data = iter(chunks)
     if data is not None:
         h.setdefault("Content-Type", "application/json")
     try:
-        conn.request(method, path, body=data, headers=h)
+        conn.request(method, path, body=data, headers=h, encode_chunked=chunks is not None)
         resp = conn.getresponse()
         payload = resp.read()
-        return resp.status, (
-            json.loads(payload)
-            if payload and resp.getheader("content-type", "").startswith("application/json")
-            else payload.decode(errors="replace")
+        return (
+            resp.status,
+            (
+                json.loads(payload)
+                if payload and resp.getheader("content-type", "").startswith("application/json")
+                else payload.decode(errors="replace")
+            ),
+            {k.lower(): v for k, v in resp.getheaders()},
         )
     finally:
         conn.close()
+
+
+def request(port, method, path, token=None, body=None, raw: bytes | None = None, headers=None):
+    return request_full(port, method, path, token, body, raw, headers)[:2]
 
 
 def judgments_on_disk(run: Path, round_no: int = 1) -> list[dict]:
@@ -335,23 +372,34 @@ def test_fifty_concurrent_labelers(label_run, tmp_path):
 
 
 def test_sigkill_mid_round_then_restart(label_run, tmp_path):
+    """Every acknowledged judgment was fsynced before its answer went out (the spy's record of fsync calls
+    says how much of the log was on disk), none is lost to SIGKILL, and labelers resume after a restart."""
     run = copy_run(label_run, tmp_path / "run")
     tokens = tokens_file(tmp_path / "tokens.csv", 8)
     port = free_port()
     acked: list = []
     stop = threading.Event()
-    with server(run, 1, tmp_path / "tokens.csv", port) as proc:
+    spy = tmp_path / "fsync.log"
+    log = run / "labels" / "round-001" / "judgments.jsonl"
+    with server(run, 1, tmp_path / "tokens.csv", port, fsync_spy=spy) as proc:
         threads = [threading.Thread(target=_label_all, args=(port, t, acked, stop)) for t in tokens.values()]
         for t in threads:
             t.start()
+        deadline = time.time() + 120
         while len(acked) < 40:
+            assert time.time() < deadline, f"only {len(acked)} judgments acknowledged in 120 s"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)  # mid-round, with requests in flight
-        proc.wait()
+        proc.wait(timeout=30)
         stop.set()
         for t in threads:
             t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
     names = {v: k for k, v in tokens.items()}
+    on_disk = log.read_bytes()
+    synced = on_disk[: synced_bytes(spy, log)]  # what fsync had put on disk when the process died
+    in_synced = {(j["labeler"], j["prompt_id"]) for j in map(json.loads, synced.splitlines())}
+    assert {(names[t], p) for t, p in acked} <= in_synced  # acknowledged only once fsynced
     first = judgments_on_disk(run)  # parses: no torn line survives a restart either
     keys = {(j["labeler"], j["prompt_id"]) for j in first}
     assert {(names[t], p) for t, p in acked} <= keys  # nothing acknowledged is lost
@@ -368,9 +416,208 @@ def test_sigkill_mid_round_then_restart(label_run, tmp_path):
             t.start()
         for t in threads:
             t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads)
     final = judgments_on_disk(run)
     keys = [(j["labeler"], j["prompt_id"]) for j in final]
     assert len(keys) == len(set(keys)) == 8 * PER_LABELER
+
+
+def test_torn_last_line_is_cut_on_restart(label_run, tmp_path):
+    """A crash mid-append leaves part of a line that was never acknowledged: the restarted server cuts it,
+    the log parses, the labeler is offered that prompt again, and judging it stores it once."""
+    run = copy_run(label_run, tmp_path / "run")
+    tokens = tokens_file(tmp_path / "tokens.csv", 1)
+    tok = tokens["lab00"]
+    port = free_port()
+    log = run / "labels" / "round-001" / "judgments.jsonl"
+    with server(run, 1, tmp_path / "tokens.csv", port):
+        for n in range(3):
+            row = request(port, "GET", "/api/next", token=tok)[1]
+            body = {
+                "batch_id": row["batch_id"],
+                "prompt_id": row["prompt_id"],
+                "preferred": row["candidates"][0]["candidate_id"],
+                "idempotency_key": f"k{n}",
+            }
+            assert request(port, "POST", "/api/judgments", token=tok, body=body)[0] == 201
+        torn = request(port, "GET", "/api/next", token=tok)[1]
+    whole = log.read_bytes()
+    record = {
+        "batch_id": torn["batch_id"],
+        "prompt_id": torn["prompt_id"],
+        "preferred": "tie",
+        "rejected": [],
+        "idempotency_key": "k3",
+        "comment": "",
+        "labeler": "lab00",
+        "judged_at": "2026-01-01T00:00:00Z",
+    }
+    cut = json.dumps(record).encode()[:-20]  # the line as a crash mid-write leaves it: no end, no newline
+    log.write_bytes(whole + cut)
+    with server(run, 1, tmp_path / "tokens.csv", port) as proc:
+        assert log.read_bytes() == whole  # cut back to the last complete line, on start
+        assert request(port, "GET", "/api/progress", token=tok)[1]["done"] == 3
+        assert request(port, "GET", "/api/next", token=tok)[1]["prompt_id"] == torn["prompt_id"]
+        body = {**{k: record[k] for k in ("batch_id", "prompt_id", "preferred", "idempotency_key")}}
+        assert request(port, "POST", "/api/judgments", token=tok, body=body)[0] == 201
+    assert f"cut {len(cut)} bytes of an unfinished last line" in proc.stdout.read()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
+    assert [j["idempotency_key"] for j in lines] == ["k0", "k1", "k2", "k3"]
+    assert [j["prompt_id"] for j in lines].count(torn["prompt_id"]) == 1
+
+
+@pytest.mark.parametrize(
+    "content, line, message",
+    [
+        ("ann,token-aaaaaaaa\nann,token-bbbbbbbb\n", 2, "labeler or token repeated"),
+        ("ann,token-aaaaaaaa\nbob,token-aaaaaaaa\n", 2, "labeler or token repeated"),
+        ("# labelers\nann,\n", 2, "expected `labeler,token`"),
+        ("ann token-aaaaaaaa\n", 1, "expected `labeler,token`"),
+        ("ann,short\n", 1, "shorter than 8 characters"),
+        ("<script>,token-aaaaaaaa\n", 1, "must be 1-64 of letters"),
+        ("# only a comment\n\n", None, "no `labeler,token` lines"),
+    ],
+)
+def test_malformed_tokens_file_is_a_usage_error(label_run, tmp_path, content, line, message):
+    """The server does not start; the message names the file and line; exit 2 (usage), no traceback."""
+    path = tmp_path / "tokens.csv"
+    path.write_text(content)
+    proc = rlhf(
+        "label", "serve", "--run", label_run, "--round", 1, "--tokens-file", path, "--port", free_port(), check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    where = f"{path}:{line}: " if line else f"{path}: "
+    assert where in proc.stderr and message in proc.stderr and "Traceback" not in proc.stderr
+    assert "token-aaaaaaaa" not in proc.stderr + proc.stdout  # a token is never echoed
+
+
+def test_security_headers_on_every_response_and_chunked_oversize_body(label_run, tmp_path):
+    """The same headers on pages, data, 204s and every error (401, 400, 404, 405, 409, 413, 422); a body
+    sent chunked, without a Content-Length, is counted as it arrives: over label.max_body_bytes it gets 413
+    and nothing is stored."""
+    run = copy_run(label_run, tmp_path / "run")
+    tokens = tokens_file(tmp_path / "tokens.csv", 2)
+    tok = tokens["lab00"]
+    port = free_port()
+    seen: dict[int, int] = {}
+
+    def call(method, path, status, **kw):
+        got, payload, headers = request_full(port, method, path, **kw)
+        assert got == status, (method, path, got, payload)
+        assert "default-src 'none'" in headers.get("content-security-policy", ""), (path, got, headers)
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert headers.get("x-content-type-options") == "nosniff", (path, got)
+        assert headers.get("referrer-policy") == "no-referrer", (path, got)
+        assert headers.get("cache-control") == "no-store", (path, got)
+        seen[got] = seen.get(got, 0) + 1
+        return payload
+
+    with server(run, 1, tmp_path / "tokens.csv", port):
+        call("GET", "/api/next", 401)
+        call("GET", "/nope", 401)  # unknown paths answer 401 before 404 to strangers
+        call("GET", f"/?token={tok}", 200)
+        call("HEAD", "/", 200, token=tok)
+        call("GET", "/nope", 404, token=tok)
+        call("GET", "/%2e%2e/%2e%2e/etc/passwd", 404, token=tok)
+        call("PUT", "/api/next", 405, token=tok)
+        call("POST", "/api/judgments", 400, token=tok, raw=b"{")
+        row = call("GET", "/api/next", 200, token=tok)
+        call("GET", "/api/progress", 200, token=tok)
+        good = {
+            "batch_id": row["batch_id"],
+            "prompt_id": row["prompt_id"],
+            "preferred": row["candidates"][0]["candidate_id"],
+            "idempotency_key": "k",
+        }
+        call("POST", "/api/judgments", 422, token=tok, body={**good, "preferred": "c9"})
+        oversize = json.dumps({**good, "comment": "x" * 40_000}).encode()
+        chunks = [oversize[i : i + 1024] for i in range(0, len(oversize), 1024)]
+        call("POST", "/api/judgments", 413, token=tok, chunks=chunks)
+        call("POST", "/api/judgments", 413, token=tok, raw=oversize)  # and with a Content-Length
+        assert judgments_on_disk(run) == [] and call("GET", "/api/progress", 200, token=tok)["done"] == 0
+        small = json.dumps(good).encode()
+        call("POST", "/api/judgments", 201, token=tok, chunks=[small[:10], small[10:]])  # chunked itself is fine
+        call("POST", "/api/judgments", 200, token=tok, body=good)
+        call("POST", "/api/judgments", 409, token=tok, body={**good, "preferred": "tie"})
+        other = tokens["lab01"]
+        for _ in range(PER_LABELER):
+            row = call("GET", "/api/next", 200, token=other)
+            body = {**good, "prompt_id": row["prompt_id"], "idempotency_key": row["prompt_id"]}
+            call("POST", "/api/judgments", 201, token=other, body=body)
+        call("GET", "/api/next", 204, token=other)
+    assert set(seen) == {200, 201, 204, 400, 401, 404, 405, 409, 413, 422}
+    assert len(judgments_on_disk(run)) == 1 + PER_LABELER
+
+
+def _many_candidates_batch(run: Path, sizes: list[int]) -> list[dict]:
+    """Rewrite round 1 of ``run`` as rows with 3 or 4 distinct candidates each (texts made up)."""
+    path = run / "labels" / "round-001" / "batch.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()][: len(sizes)]
+    for row, n in zip(rows, sizes):
+        row["candidates"] = [
+            {"candidate_id": f"c{i}", "text": f"1. List {i} of {row['prompt_id']} — reason"} for i in range(1, n + 1)
+        ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "labels" / "round-001" / "provenance.jsonl").unlink()
+    return rows
+
+
+def test_import_with_three_and_four_candidates(label_run, tmp_path):
+    """Each labeler who picks X of N lists says X beats each of the others and nothing about those others;
+    pairs come from the counts of such statements, per the README's import rules."""
+    import pyarrow.parquet as pq
+
+    run = copy_run(label_run, tmp_path / "run")
+    r3a, r3b, r4a, r4b = _many_candidates_batch(run, [3, 3, 4, 4])
+    batch, store = _store(run)
+    plan = [
+        ("ann", r3a, "c1"),
+        ("bob", r3a, "c1"),
+        ("cat", r3a, "c2"),  # c1 2:1 over c2, and each over c3, which nobody picked
+        ("ann", r3b, "c2"),  # one labeler: c2 over c1 and over c3; c1 vs c3 unknown
+        ("ann", r4a, "c3"),
+        ("bob", r4a, "c4"),
+        ("cat", r4a, "tie"),  # c3 and c4 1:1 (no pair between them), each over c1 and c2; c1 vs c2 unknown
+        ("ann", r4b, "c4"),
+        ("bob", r4b, "both_bad"),  # c4 over c1, c2, c3
+    ]
+    for lab, row, pref in plan:
+        body = {"batch_id": batch.batch_id, "prompt_id": row["prompt_id"], "preferred": pref, "idempotency_key": "k"}
+        status, rec = store.add(lab, {**body, "idempotency_key": f"{lab}-{row['prompt_id']}"})
+        assert status == 201
+        others = [c["candidate_id"] for c in row["candidates"] if c["candidate_id"] != pref]
+        assert rec["rejected"] == ([] if pref in ("tie", "both_bad") else others)
+    store.close()
+    rlhf("label", "import", "--run", run, "--config", TINY, "--round", 1)
+    pairs = pq.read_table(run / "labels/round-001/pairs.parquet").to_pylist()
+    got = {}
+    for pair in pairs:
+        prov = json.loads(pair["provenance"])
+        got[(prov["prompt_id"], prov["chosen"], prov["rejected"])] = prov["votes"]
+        texts = {c["candidate_id"]: c["text"] for c in batch.by_prompt[prov["prompt_id"]]["candidates"]}
+        assert pair["chosen"][0]["content"] == texts[prov["chosen"]]
+        assert pair["rejected"][0]["content"] == texts[prov["rejected"]]
+    p3a, p3b, p4a, p4b = (r["prompt_id"] for r in (r3a, r3b, r4a, r4b))
+    assert got == {
+        (p3a, "c1", "c2"): {"c1": 2, "c2": 1},
+        (p3a, "c1", "c3"): {"c1": 2, "c3": 0},
+        (p3a, "c2", "c3"): {"c2": 1, "c3": 0},
+        (p3b, "c2", "c1"): {"c2": 1, "c1": 0},
+        (p3b, "c2", "c3"): {"c2": 1, "c3": 0},
+        (p4a, "c3", "c1"): {"c3": 1, "c1": 0},
+        (p4a, "c3", "c2"): {"c3": 1, "c2": 0},
+        (p4a, "c4", "c1"): {"c4": 1, "c1": 0},
+        (p4a, "c4", "c2"): {"c4": 1, "c2": 0},
+        (p4b, "c4", "c1"): {"c4": 1, "c1": 0},
+        (p4b, "c4", "c2"): {"c4": 1, "c2": 0},
+        (p4b, "c4", "c3"): {"c4": 1, "c3": 0},
+    }
+    summary = json.loads((run / "labels/round-001/summary.json").read_text())
+    assert summary["pairs"] == 12 and summary["judgments"]["used"] == 9
+    assert summary["answers"] == {"candidate": 7, "tie": 1, "both_bad": 1}
+    # agreeing labeler pairs: r3a 1 of 3, r4a 0 of 3, r4b 0 of 1
+    assert summary["agreement"]["prompts_with_2plus"] == 3
+    assert summary["agreement"]["pairwise"] == pytest.approx(1 / 7)
 
 
 # ---------------------------------------------------------------- simulated labelers -> reward data

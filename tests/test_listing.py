@@ -34,10 +34,34 @@ def test_parse_is_forgiving():
     ]
 
 
-@pytest.mark.parametrize("text", ["", "I cannot help with that.", "1.", "\n\n\n", "—" * 500, "1. " + "a" * 20000])
-def test_adversarial_outputs_do_not_crash(catalog, text):
+LONG = "a" * 20000
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", []),
+        ("I cannot help with that.", []),
+        ("1.", []),  # a marker with no title
+        ("1.   \n2)\n-\n*  ", []),  # markers with only blanks
+        ("\n\n\n", []),
+        ("—" * 500, []),  # an em dash is not a bullet
+        ("-" * 500, []),  # nor is a rule of hyphens
+        ("1. " + LONG, [(1, LONG, "", None)]),  # kept whole, grounded nowhere
+        ("100. Alien (1979) — three digits are not a rank", []),
+        (
+            "1. The Matrix (1999) — <script>x</script>\n2. Heat <|im_end|> — tokens",
+            [(1, "The Matrix (1999)", "<script>x</script>", "exact"), (2, "Heat <|im_end|>", "tokens", None)],
+        ),
+        ("1. **Alien** (1979)\n1. Alien (1979)", [(1, "Alien (1979)", "", "exact"), (2, "Alien (1979)", "", "exact")]),
+    ],
+)
+def test_adversarial_outputs_parse_to_what_they_say(catalog, text, expected):
+    """Exactly the entries each text holds: no crash, nothing invented, nothing grounded that is not in the
+    catalog; a repeated marker number is renumbered in order (the rank is the position in the list)."""
     entries = parse_and_ground(text, catalog)
-    assert all(not e.in_catalog for e in entries)
+    got = [(e.rank, e.title, e.explanation, e.method if e.in_catalog else None) for e in entries]
+    assert got == expected
 
 
 def test_grounding_exact_normalised_fuzzy_none(catalog):

@@ -48,6 +48,45 @@ def test_pearson_by_hand():
     assert M.pearson([1, 1, 1], [1, 2, 3]) is None and M.pearson([1, 2], [1, 2]) is None
 
 
+def test_reward_vs_truth_by_hand():
+    """Eval's correlation of the composite reward, its learned part, its rule part and each term with true utility:
+    every LLM listing with composite scores and a true utility, stages pooled, rules = reward - w * learned."""
+    from reward_models.composite import Scored
+    from rlhf.evaluate import _reward_vs_truth
+
+    class Weights:  # what _reward_vs_truth reads of the composite: the learned term's weight, via rule_part
+        weights = {"learned": 0.5}
+
+        def rule_part(self, scored):
+            return [t - 0.5 * s for t, s in zip(scored.total, scored.terms["learned"])]
+
+    per_user = {
+        "base": {"true_utility": [0.9, 0.1]},  # no composite scores for this stage: left out
+        "sft": {"true_utility": [0.0, 0.5, 1.0], "reward": [1.0, 2.0, 4.0]},
+        "ppo": {"true_utility": [0.2, 0.4], "reward": [3.0, 0.0]},
+    }
+    scored = {
+        "sft": Scored([1.0, 2.0, 4.0], {"learned": [0.0, 2.0, 2.0], "has_k": [1.0, 1.0, 0.0]}),
+        "ppo": Scored([3.0, 0.0], {"learned": [4.0, -2.0], "has_k": [1.0, 0.5]}),
+    }
+    util, reward, score = [0.0, 0.5, 1.0, 0.2, 0.4], [1.0, 2.0, 4.0, 3.0, 0.0], [0.0, 2.0, 2.0, 4.0, -2.0]
+    rules = [1.0, 1.0, 3.0, 1.0, 1.0]  # reward - 0.5 * learned
+    got = _reward_vs_truth(per_user, scored, Weights())
+    assert got == {
+        "reward": pytest.approx(M.pearson(reward, util)),
+        "learned": pytest.approx(M.pearson(score, util)),
+        "rules": pytest.approx(M.pearson(rules, util)),
+        "terms": {
+            "learned": pytest.approx(M.pearson(score, util)),
+            "has_k": pytest.approx(M.pearson([1.0, 1.0, 0.0, 1.0, 0.5], util)),
+        },
+        "n": 5,
+    }
+    assert got["rules"] == pytest.approx(1.16 / (3.2 * 0.568) ** 0.5)  # centred sums by hand: cov, var, var
+    no_sim = {"sft": {"reward": [1.0]}}
+    assert _reward_vs_truth(no_sim, {"sft": Scored([1.0], {"learned": [1.0]})}, Weights()) is None  # no simulator
+
+
 def test_beyond_accuracy_by_hand():
     assert M.duplicate_rate(["a", "a", None, "b"]) == 0.25
     assert M.novelty(["a"], {"a": 3}, 7) == pytest.approx(-math.log2(4 / 8))

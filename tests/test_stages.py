@@ -29,15 +29,30 @@ def test_sft_trains_and_artifacts_load(tiny_sft):
 
 
 def test_reward_model_trains_and_reports_accuracy_per_source(tiny_reward):
-    from rlhf.models import load_reward_model
+    from reward_models.pairs import balance, load_pairs, split_by_user
+    from reward_models.train import _tokenized, pairwise_accuracy
+    from rlhf.config import load_config
+    from rlhf.models import load_reward_model, load_tokenizer
+    from rlhf.runs import RunDir
 
     metrics = json.loads((tiny_reward / "reward" / "metrics.json").read_text())
     assert metrics["steps"] == 4
-    assert 0.0 <= metrics["val_accuracy"] <= 1.0
     assert set(metrics["val_by_source"]) <= {"ratings", "clicks", "simulator"} and metrics["val_by_source"]
     assert sum(metrics["pairs"]["read"].values()) > 0
-    model = load_reward_model(tiny_reward / "reward" / "model")
+    model = load_reward_model(tiny_reward / "reward" / "model", metrics["dtype"])  # scored as the stage scored
     assert model.config.num_labels == 1
+    # the reported accuracy is the saved model's on the held-out users' pairs: recomputed from the run's files
+    rc, seed = load_config(TINY).reward, load_config(TINY).run.seed
+    rows, _ = load_pairs(RunDir(tiny_reward), rc.sources)
+    _, val_rows = split_by_user(balance(rows, rc.balance_ratio, seed) if rc.balance else rows, rc.val_fraction, seed)
+    tok = load_tokenizer(str(tiny_reward / "reward" / "model"))
+    val_ex, _ = _tokenized(val_rows, tok, rc.max_length, rc.use_margin)
+    assert len(val_ex) == metrics["pairs"]["val"] > 0
+    acc = pairwise_accuracy(model, tok, val_ex)
+    assert metrics["val_accuracy"] == pytest.approx(acc["overall"])
+    assert metrics["val_by_source"].keys() == acc["by_source"].keys()
+    for src, v in acc["by_source"].items():
+        assert metrics["val_by_source"][src] == {"accuracy": pytest.approx(v["accuracy"]), "n": v["n"]}
     log = read_jsonl(tiny_reward / "reward" / "log.jsonl")
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses and all(loss == loss for loss in losses)  # finite
@@ -169,6 +184,14 @@ def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
     assert {"text", "reward", "learned", "in_catalog", "has_k"} <= set(rollouts[0])
 
 
+def test_ppo_with_fewer_prompts_than_a_batch_is_a_config_error(tiny_reward, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_reward, run)
+    proc = rlhf("ppo", "--run", run, "--config", TINY, "ppo.max_prompts=2", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "2 PPO prompts is fewer than ppo.batch_size=4" in proc.stderr
+
+
 def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_reward, run, ignore=shutil.ignore_patterns("ppo", "eval"))
@@ -193,7 +216,7 @@ def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
         time.sleep(0.2)
     assert ckpt.exists(), "no checkpoint appeared"
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run: update 3 is in flight or about to be
-    proc.wait()
+    proc.wait(timeout=60)
     assert not (run / "ppo" / "adapter").exists()
     rlhf("ppo", "--run", run, "--config", TINY, "ppo.total_updates=5", "ppo.checkpoint_every=2", "--resume")
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
@@ -212,9 +235,8 @@ def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
     assert rows[4]["lr"] > 0 and rows[5]["lr"] > 0
 
 
-def test_eval_writes_metrics_report_and_plots(tiny_ppo):
-    rlhf("eval", "--run", tiny_ppo, "--config", TINY)
-    out = tiny_ppo / "eval"
+def test_eval_writes_metrics_report_and_plots(tiny_eval):
+    out = tiny_eval / "eval"
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) >= {"k", "mode", "stages", "baselines", "cold_start", "notes"}
     assert set(m["stages"]) == {"base", "sft", "ppo"}
@@ -259,7 +281,7 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "terms", "n"}
     terms = {n.removeprefix("reward/") for n in m["stages"]["ppo"] if n.startswith("reward/")} - {"reward"}
     assert set(truth["terms"]) == terms and {"learned", "has_k", "in_catalog"} <= terms  # each term on its own
-    assert all(v is None or -1.0 <= v <= 1.0 for part, v in truth.items() if part not in ("n", "terms"))
+    assert truth == pytest.approx(_reward_vs_truth_from_listings(tiny_eval, m))
     html = (out / "report.html").read_text()
     for section in (
         "<h2>Metrics</h2>",
@@ -275,7 +297,46 @@ def test_eval_writes_metrics_report_and_plots(tiny_ppo):
     assert "| ease (baseline) |" in (out / "report.md").read_text()
 
 
-def test_recommend_plain_constrained_and_bad_input(tiny_ppo):
+def _reward_vs_truth_from_listings(run, m) -> dict:
+    """Correlations of each listing's composite reward, its rule part and each term with its true utility,
+    recomputed from eval/listings.jsonl with the run's composite: what eval's reward_vs_truth must be."""
+    from reward_models.composite import for_run
+    from reward_models.terms import PromptContext
+    from rlhf.config import load_config
+    from rlhf.evaluate import HeldOutUsers
+    from rlhf.listing import parse_and_ground
+    from rlhf.metrics import pearson
+    from rlhf.runs import RunDir
+
+    cfg = load_config(TINY, run_config=RunDir(run).config)
+    users = HeldOutUsers(RunDir(run), cfg.eval.split, cfg.eval.max_users)
+    composite = for_run(RunDir(run), cfg.ppo.reward_weights, m["dtype"], cfg.reward.behaviour_power)
+    listings = read_jsonl(run / "eval" / "listings.jsonl")
+    reward, rules, terms, util = [], [], {}, []
+    for stage in m["stages"]:
+        text = {r["user_id"]: r["text"] for r in listings if r["stage"] == stage}
+        texts = [text[r["user_id"]] for r in users.rows]
+        scored = composite.score(
+            [r["prompt"] for r in users.rows], texts, [PromptContext.from_row(r) for r in users.rows]
+        )
+        assert m["stages"][stage]["reward/reward"] == pytest.approx(sum(scored.total) / len(scored.total))
+        reward += scored.total
+        rules += composite.rule_part(scored)
+        for name, values in scored.terms.items():
+            terms.setdefault(name, []).extend(values)
+        for row, t in zip(users.rows, texts):
+            items = [e.item_id for e in parse_and_ground(t, users.catalog)][: m["k"]]
+            util.append(users.sim.list_utility(users.sim.user(row["user_id"]), items, set(row["history_ids"]), m["k"]))
+    return {
+        "reward": pearson(reward, util),
+        "learned": pearson(terms["learned"], util),
+        "rules": pearson(rules, util),
+        "terms": {name: pearson(values, util) for name, values in terms.items()},
+        "n": len(util),
+    }
+
+
+def test_recommend_plain_and_bad_input(tiny_ppo):
     proc = rlhf(
         "recommend",
         "--run",
@@ -293,25 +354,53 @@ def test_recommend_plain_constrained_and_bad_input(tiny_ppo):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out) == {"prompt", "text", "items"}
     assert "The Matrix (1999)" in out["prompt"][1]["content"]
-    proc = rlhf(
-        "recommend",
-        "--run",
-        tiny_ppo,
-        "--config",
-        TINY,
-        "--history",
-        "The Matrix; Heat",
-        "--constrained",
-        "--json",
-        "--max-new-tokens",
-        "60",
-    )
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    titled = [it for it in out["items"] if it["title"]]
-    # every title the constrained model started is a real catalog title
-    assert all(it["in_catalog"] for it in titled), out["text"]
     bad = rlhf("recommend", "--run", tiny_ppo, "--config", TINY, "--history", "Blorp the Movie", check=False)
     assert bad.returncode == 1 and "not in the catalog: 'Blorp the Movie'" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def list_opener(tiny_sft, tmp_path_factory):
+    """A copy of the SFT run whose model was taught to open its answer with "1. " on four training users'
+    prompts (the tiny SFT model writes noise, never a list marker, so there would be nothing to constrain).
+    Returns (run, one of those users)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    from reward_models.encoding import pad_left
+    from rlhf.generation import encode_prompts
+    from rlhf.models import load_tokenizer
+
+    run = tmp_path_factory.mktemp("list-opener") / "run"
+    shutil.copytree(tiny_sft, run)
+    path = run / "sft" / "merged"
+    tok, model = load_tokenizer(str(path)), AutoModelForCausalLM.from_pretrained(path)
+    rows = pq.read_table(run / "data" / "prompts" / "train.parquet").to_pylist()[:4]
+    target = tok("1. ", add_special_tokens=False)["input_ids"]
+    ids, mask = pad_left([p + target for p in encode_prompts(tok, [r["prompt"] for r in rows])], tok.pad_token_id)
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(30):  # the loss on the last positions only: the 49k-token head on 3 positions, not 250
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -len(target) - 1 : -1]
+        logits = model.lm_head(hidden)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -len(target) :].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(path)
+    return run, rows[0]["user_id"]
+
+
+def test_recommend_constrained_writes_only_catalog_titles(list_opener):
+    """The same model and prompt: free, it opens a list and writes no catalog title; with --constrained every
+    title it writes after a marker is a catalog title."""
+    run, user = list_opener
+    args = ["recommend", "--run", run, "--config", TINY, "--stage", "sft", "--user", user, "--json"]
+    free = json.loads(rlhf(*args, "--max-new-tokens", "40").stdout.strip().splitlines()[-1])
+    assert free["text"].startswith("1"), free["text"]  # it opens a list ...
+    assert not any(it["in_catalog"] for it in free["items"]), free  # ... but writes no catalog title on its own
+    out = json.loads(rlhf(*args, "--max-new-tokens", "40", "--constrained").stdout.strip().splitlines()[-1])
+    assert out["items"] and all(it["in_catalog"] for it in out["items"]), out["text"]
 
 
 def test_constrained_decoding_forces_catalog_titles():
@@ -402,11 +491,11 @@ def test_multi_cpu_launch_two_ranks(tiny_data, tmp_path):
     assert sorted(p.name for p in last.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
 
 
-def test_pipeline_skips_finished_stages(tiny_ppo, tmp_path):
+def test_pipeline_skips_finished_stages(tiny_eval, tmp_path):
     from rlhf.pipeline import plan
 
     run = tmp_path / "run"
-    shutil.copytree(tiny_ppo, run)
+    shutil.copytree(tiny_eval, run)
     assert [s for s, done in plan(run)] == ["data", "sft", "reward", "ppo", "eval"]
     assert all(done for _, done in plan(run))
     shutil.rmtree(run / "eval")
