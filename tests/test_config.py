@@ -74,7 +74,7 @@ def test_resolved_config_survives_concurrent_writers(tmp_path):
     def save():
         try:
             for _ in range(30):
-                save_resolved(cfg, tmp_path, ["sft"])
+                save_resolved(cfg, RunDir(tmp_path), ["sft"])
         except Exception as e:  # noqa: BLE001 - any failure is the finding
             errors.append(e)
 
