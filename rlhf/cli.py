@@ -158,6 +158,7 @@ def _load(args):
     (except the sections of finished stages), then the flags and overrides. The data stage starts from the recipe."""
     from rlhf.config import load_config
     from rlhf.models import check_model_fits_run
+    from rlhf.precision import check_hardware
     from rlhf.runs import RunDir
 
     section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval", "label": "label"}.get(
@@ -169,6 +170,8 @@ def _load(args):
     frozen = {"run", "data"} if later and run.done("data") else set()
     cfg = load_config(args.config, overrides, section, run.config if later else None, frozen)
     cfg.run.dir = str(run.root)
+    if args.command != "data":
+        check_hardware(cfg.model)
     if later:
         check_model_fits_run(cfg.model.name, run)
     return cfg

@@ -71,16 +71,8 @@ class ModelConfig:
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         if self.lora_r < 1:
             raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r}")
-        if self.load_in_4bit:
-            if not self.use_lora:
-                raise ConfigError("model.load_in_4bit (QLoRA) trains adapters only: set model.use_lora=true")
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ConfigError(
-                    "model.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; "
-                    "this machine has none. Drop load_in_4bit to train LoRA in full precision."
-                )
+        if self.load_in_4bit and not self.use_lora:
+            raise ConfigError("model.load_in_4bit (QLoRA) trains adapters only: set model.use_lora=true")
 
 
 @dataclass

@@ -209,7 +209,7 @@ def _parse_rating(value) -> float:
     return v
 
 
-def _clip_text(text, skips: SkipLog, where: str) -> str:
+def _clip_text(text, skips: SkipLog) -> str:
     text = "" if text is None else str(text)
     if len(text) > MAX_FIELD_CHARS:
         skips.counts["truncated_text"] += 1
@@ -385,7 +385,7 @@ def load_amazon(path: Path, meta_path: str, skips: SkipLog):
         if isinstance(desc, list):
             desc = " ".join(map(str, desc))
         attrs = {"genres": [str(c) for c in cats][-3:], "brand": rec.get("store") or rec.get("brand") or ""}
-        items.append(Item(str(iid), title.strip()[:300], attrs, _clip_text(desc, skips, f"{meta}:{lineno}")[:500]))
+        items.append(Item(str(iid), title.strip()[:300], attrs, _clip_text(desc, skips)[:500]))
     catalog = _catalog(items, skips, meta)
     rows = _Collector()
     for lineno, rec in _jsonl(reviews, skips):
@@ -397,7 +397,7 @@ def load_amazon(path: Path, meta_path: str, skips: SkipLog):
         text = rec.get("text") or rec.get("reviewText") or ""
         summary = rec.get("title") or rec.get("summary") or ""
         full = (f"{summary}. {text}" if summary else str(text)).strip()
-        _add_rating(rows, skips, catalog, where, user, item, rating, ts, text=_clip_text(full, skips, where))
+        _add_rating(rows, skips, catalog, where, user, item, rating, ts, text=_clip_text(full, skips))
     return catalog, rows.table()
 
 

@@ -20,13 +20,15 @@ import sys
 from collections.abc import Iterable
 from functools import cache
 
+from rlhf.config import ConfigError
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # what torch reports for a CPU whose bf16 matmuls run in hardware
 BF16_CPU_FEATURES = ("amx", "avx512_bf16")
 
 
-class PrecisionError(ValueError):
-    """A dtype this machine cannot run; the message says which to use instead."""
+class PrecisionError(ConfigError):
+    """A dtype or quantization this machine cannot run; the message says which to use instead."""
 
 
 def choose_dtype(requested: str, cuda: bool, cuda_bf16: bool, cpu_features: Iterable[str]) -> tuple[str, str]:
@@ -56,6 +58,23 @@ def cpu_features() -> set[str]:
     return found
 
 
+def check_hardware(model_cfg) -> None:
+    """A model setting this machine cannot run stops here, before anything loads (the CLI calls it right after
+    reading the config; ``resolve`` again for programs that call a stage directly)."""
+    choose_dtype(model_cfg.dtype, _cuda(), False, ())  # an unknown dtype
+    if model_cfg.load_in_4bit and not _cuda():
+        raise PrecisionError(
+            "model.load_in_4bit (QLoRA) needs a CUDA GPU with bitsandbytes; this machine has none. "
+            "Drop load_in_4bit to train LoRA in full precision."
+        )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @cache
 def _resolved(requested: str) -> tuple[str, str]:
     import torch
@@ -65,7 +84,9 @@ def _resolved(requested: str) -> tuple[str, str]:
 
 
 def resolve(model_cfg, stage: str | None = None) -> str:
-    """The compute dtype for ``model_cfg.dtype`` on this machine; with ``stage``, prints what was chosen and why."""
+    """The compute dtype for ``model_cfg.dtype`` on this machine; with ``stage``, prints what was chosen and why.
+    Every stage that runs a model calls it before loading one, so a setting the hardware cannot run stops here."""
+    check_hardware(model_cfg)
     dtype, why = _resolved(model_cfg.dtype)
     if stage:  # on stderr: `rlhf recommend --json` keeps stdout to its JSON
         print(f"{stage}: computing in {dtype} (model.dtype={model_cfg.dtype}: {why})", file=sys.stderr, flush=True)
