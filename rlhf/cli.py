@@ -18,7 +18,7 @@ EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
 def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
-    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval, label)")
+    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval, label, track)")
     p.add_argument(run_flag, dest="run", help="run directory (default: runs/<run.name> from the config)")
     p.add_argument("--model", help="base model: smollm2-135m (default), tiny, a local path or a hub id")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")

@@ -12,7 +12,8 @@ trainer and its TRL fixes are in rlhf/ppo_trainer.py, the resume record in rlhf/
 
 Writes RUN_DIR/ppo/adapter (PEFT), metrics.jsonl (one line per update), rollouts.jsonl (sampled completions with
 their reward terms), samples.jsonl, summary.json and checkpoints/update-NNNNNN/ every ``ppo.checkpoint_every``
-updates. ``--resume`` continues from the newest complete checkpoint.
+updates; with ``track.report_to``, every update's metrics and the summary to the trackers (rlhf/tracking.py).
+``--resume`` continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -32,16 +33,13 @@ from rlhf.runs import RunDir
 def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
-    from trl.experimental.ppo import PPOConfig
 
-    from reward_models.composite import for_run
     from reward_models.encoding import prompt_ids
-    from reward_models.trl_ppo import TRLRewardAdapter
-    from rlhf.data.simulator import listing_truth
     from rlhf.models import load_causal_lm, load_tokenizer, lora_config
     from rlhf.ppo_trainer import RecPPOTrainer
-    from rlhf.precision import base_dtype, resolve, trainer_precision
+    from rlhf.precision import base_dtype, resolve
     from rlhf.rollout import PPOPolicy
+    from rlhf.tracking import Tracker, TrackerCallback
 
     run = RunDir(run_dir)
     sft_path = run.need(run.sft.merged)
@@ -56,7 +54,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     done = json.loads((resume_from / "state.json").read_text())["update"] if resume_from else 0
     if state.is_main_process:
         _prepare_output(out, resume_from, done)
-        save_resolved(cfg, run, ["ppo"])
+        save_resolved(cfg, run, ["ppo", "track"])
     state.wait_for_everyone()
     if done >= ppo_cfg.total_updates:
         print(f"ppo: {done} of {ppo_cfg.total_updates} updates already done")
@@ -75,26 +73,95 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if model_cfg.use_lora:
         policy = PPOPolicy(policy, lora_config(model_cfg))
     value_model = _value_model(rm_path, cfg, tokenizer.pad_token_id)
+    reward = _reward(run, cfg, dtype, tokenizer, policy.config, rows, ids)
+    trainer = RecPPOTrainer(
+        args=_trainer_args(cfg, out, state.num_processes, done),
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=None,
+        reward_model=reward,
+        value_model=value_model,
+        train_dataset=Dataset.from_list([{"input_ids": i} for i in ids]),
+        peft_config=None,  # the LoRA policy is built above (PPOPolicy); without LoRA TRL copies a reference
+        stage_cfg=ppo_cfg,
+        out=out,
+        reward=reward,
+        total_updates=ppo_cfg.total_updates,
+        update_offset=done,
+        resume_from=resume_from,
+        merged_rollouts=ppo_cfg.merged_rollouts,
+    )
+    tracker = Tracker(cfg, run, "ppo", resume=resume_from is not None, main_process=state.is_main_process)
+    trainer.add_callback(TrackerCallback(tracker))  # every update's metrics, as ppo/metrics.jsonl has them
+    if resume_from:
+        print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
+    t0 = time.time()
+    trainer.train()
+    seconds = time.time() - t0
+    trainer.accelerator.wait_for_everyone()
+    if not trainer.accelerator.is_main_process:  # TRL fix: saving on another rank fails in TRL 1.12
+        return {}
+    summary = _finish(trainer, tokenizer, run, reward.composite, cfg, done, seconds, dtype)
+    tracker.finish(summary)
+    return summary
+
+
+def _finish(trainer, tokenizer, run: RunDir, composite, cfg: Config, done: int, seconds: float, dtype: str) -> dict:
+    """Save the adapter, greedy samples and ppo/summary.json (written last: the stage's done marker)."""
+    out, ppo_cfg = run.ppo, cfg.ppo
+    policy = trainer.policy_module
+    policy.save_pretrained(out.adapter)
+    tokenizer.save_pretrained(out.adapter)
+    _write_samples(policy, tokenizer, run, composite, ppo_cfg)
+    summary = {
+        "updates": ppo_cfg.total_updates,
+        "resumed_at": done or None,
+        "seconds": round(seconds, 1),
+        "processes": trainer.accelerator.num_processes,
+        "dtype": dtype,
+        "merged_rollouts": trainer.merged_rollouts,
+        "reward_weights": ppo_cfg.reward_weights,
+    }
+    out.summary.write_text(json.dumps(summary, indent=2))
+    total = ppo_cfg.total_updates
+    print(f"ppo: {total - done} updates in {seconds:.0f}s (total {total}); wrote {out.adapter}")
+    return summary
+
+
+def _reward(run: RunDir, cfg: Config, dtype: str, tokenizer, policy_config, rows: list[dict], ids: list):
+    """The composite reward as TRL's PPO reads it, with every training prompt's context registered."""
+    from reward_models.composite import for_run
+    from reward_models.trl_ppo import TRLRewardAdapter
+    from rlhf.data.simulator import listing_truth
+
     reward = TRLRewardAdapter(
-        for_run(run, ppo_cfg.reward_weights, dtype, cfg.reward.behaviour_power),
+        for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power),
         tokenizer,
-        policy.config,
+        policy_config,
         truth=listing_truth(run.catalog(), run.meta()),
     )
     for r, prompt in zip(rows, ids):
         reward.register(prompt, r["prompt"], _context(r))
+    return reward
 
-    remaining = ppo_cfg.total_updates - done
-    # TRL: the rollout batch per process is per_device_train_batch_size x gradient_accumulation_steps, split into
-    # num_mini_batches; one micro-batch per mini-batch
-    args = PPOConfig(
+
+def _trainer_args(cfg: Config, out, processes: int, done: int):
+    """TRL's PPOConfig for the updates left. TRL: the rollout batch per process is per_device_train_batch_size x
+    gradient_accumulation_steps, split into num_mini_batches; one micro-batch per mini-batch. Trackers are ours
+    (rlhf/tracking.py), so TRL reports to none."""
+    from trl.experimental.ppo import PPOConfig
+
+    from rlhf.precision import trainer_precision
+
+    ppo_cfg = cfg.ppo
+    return PPOConfig(
         output_dir=str(out.trainer),
         learning_rate=ppo_cfg.learning_rate,
         per_device_train_batch_size=ppo_cfg.batch_size // ppo_cfg.mini_batches,
         gradient_accumulation_steps=ppo_cfg.mini_batches,
         num_mini_batches=ppo_cfg.mini_batches,
         num_ppo_epochs=ppo_cfg.ppo_epochs,
-        total_episodes=remaining * ppo_cfg.batch_size * state.num_processes,
+        total_episodes=(ppo_cfg.total_updates - done) * ppo_cfg.batch_size * processes,
         local_rollout_forward_batch_size=ppo_cfg.batch_size,
         response_length=ppo_cfg.response_length,
         temperature=ppo_cfg.temperature,
@@ -111,54 +178,13 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         num_sample_generations=0,
         logging_steps=1,
         save_strategy="no",
-        report_to=[] if ppo_cfg.report_to == "none" else [ppo_cfg.report_to],
+        report_to=[],
         seed=cfg.run.seed + done,
         lr_scheduler_type=ppo_cfg.lr_scheduler,
         gradient_checkpointing=False,
         dataloader_num_workers=0,
-        **trainer_precision(model_cfg),
+        **trainer_precision(cfg.model),
     )
-    trainer = RecPPOTrainer(
-        args=args,
-        processing_class=tokenizer,
-        model=policy,
-        ref_model=None,
-        reward_model=reward,
-        value_model=value_model,
-        train_dataset=Dataset.from_list([{"input_ids": i} for i in ids]),
-        peft_config=None,  # the LoRA policy is built above (PPOPolicy); without LoRA TRL copies a reference
-        stage_cfg=ppo_cfg,
-        out=out,
-        reward=reward,
-        total_updates=ppo_cfg.total_updates,
-        update_offset=done,
-        resume_from=resume_from,
-        merged_rollouts=ppo_cfg.merged_rollouts,
-    )
-    if resume_from:
-        print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
-    t0 = time.time()
-    trainer.train()
-    seconds = time.time() - t0
-    trainer.accelerator.wait_for_everyone()
-    if not trainer.accelerator.is_main_process:  # TRL fix: saving on another rank fails in TRL 1.12
-        return {}
-    policy = trainer.policy_module
-    policy.save_pretrained(out.adapter)
-    tokenizer.save_pretrained(out.adapter)
-    _write_samples(policy, tokenizer, run, reward.composite, ppo_cfg)
-    summary = {
-        "updates": ppo_cfg.total_updates,
-        "resumed_at": done or None,
-        "seconds": round(seconds, 1),
-        "processes": trainer.accelerator.num_processes,
-        "dtype": dtype,
-        "merged_rollouts": trainer.merged_rollouts,
-        "reward_weights": ppo_cfg.reward_weights,
-    }
-    out.summary.write_text(json.dumps(summary, indent=2))
-    print(f"ppo: {remaining} updates in {seconds:.0f}s (total {ppo_cfg.total_updates}); wrote {out.adapter}")
-    return summary
 
 
 def _context(row: dict):

@@ -8,6 +8,7 @@
       ppo/                  adapter/, checkpoints/, metrics.jsonl, rollouts.jsonl, samples.jsonl, summary.json
       eval/                 metrics.json, listings.jsonl, report.md, report.html, plots/
       labels/round-NNN/     batch.jsonl, provenance.jsonl, manifest.json, judgments.jsonl, pairs.parquet, summary.json
+      logs/                 tensorboard/<stage>/, trackio/ (its local store), wandb/ (offline runs): track.report_to
 
 A missing input is a ``MissingInput`` that names the command making it (``RunDir.need``).
 """
@@ -124,6 +125,16 @@ class RoundFiles(_Part):
     summary = property(lambda self: self.dir / "summary.json")
 
 
+class LogFiles(_Part):
+    """Where each experiment tracker writes (rlhf/tracking.py)."""
+
+    trackio = property(lambda self: self.dir / "trackio")  # trackio's local store: one SQLite file per project
+    wandb = property(lambda self: self.dir / "wandb")  # wandb's offline runs, under wandb/offline-run-*
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.dir / "tensorboard" / stage
+
+
 def round_name(round_no: int) -> str:
     return f"round-{round_no:03d}"
 
@@ -159,6 +170,7 @@ class RunDir:
         self.ppo = PPOFiles(self.root / "ppo")
         self.eval = EvalFiles(self.root / "eval")
         self.labels = LabelFiles(self.root / "labels")
+        self.logs = LogFiles(self.root / "logs")
 
     def need(self, path: Path) -> Path:
         """``path`` when it exists; otherwise a MissingInput naming the command that makes it."""

@@ -44,9 +44,13 @@ def tiny_data(tmp_path_factory):
     return run
 
 
+# the shared run logs to both local trackers from SFT on; reward, PPO and eval take it from the run's config.yaml
+TRACKED = "track.report_to=tensorboard,trackio"
+
+
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_data):
-    rlhf("sft", "--run", tiny_data, "--config", TINY)
+    rlhf("sft", "--run", tiny_data, "--config", TINY, TRACKED)
     return tiny_data
 
 
