@@ -10,7 +10,9 @@
       labels/round-NNN/     batch.jsonl, provenance.jsonl, manifest.json, judgments.jsonl, pairs.parquet, summary.json
       logs/                 tensorboard/<stage>/, trackio/ (its local store), wandb/ (offline runs): track.report_to
 
-A missing input is a ``MissingInput`` that names the command making it (``RunDir.need``).
+A missing input is a ``MissingInput`` that names the command making it (``RunDir.need``). A stage is done when
+the files it writes last are there and readable, interrupted when its folder holds anything less
+(``RunDir.state``).
 """
 
 from __future__ import annotations
@@ -148,6 +150,8 @@ class LabelFiles(_Part):
         return sorted(self.dir.glob("round-*/pairs.parquet"))
 
 
+STAGES = ("data", "sft", "reward", "ppo", "eval")
+
 # the command that makes each part, for MissingInput messages
 MAKERS = {
     "data": "rlhf data prepare --out {run}",
@@ -204,12 +208,36 @@ class RunDir:
         table = pq.read_table(self.need(path))
         return [] if table.column_names == ["empty"] else table.to_pylist()
 
-    def done(self, stage: str) -> bool:
-        marker = {
-            "data": self.data.summary,
-            "sft": self.sft.merged / "config.json",
-            "reward": self.reward.metrics,
-            "ppo": self.ppo.adapter / "adapter_config.json",
-            "eval": self.eval.metrics,
+    def finals(self, stage: str) -> list[Path]:
+        """The files a stage writes last: all there (the JSON ones readable) means the stage finished."""
+        return {
+            "data": [self.data.summary],
+            "sft": [self.sft.merged / "config.json", self.sft.metrics],
+            "reward": [self.reward.model / "config.json", self.reward.metrics],
+            "ppo": [self.ppo.adapter / "adapter_config.json", self.ppo.summary],
+            "eval": [self.eval.metrics, self.eval.report_html],
         }[stage]
-        return marker.exists()
+
+    def unfinished(self, stage: str) -> list[Path]:
+        """The stage's last files that are absent or half-written."""
+        return [p for p in self.finals(stage) if not _complete(p)]
+
+    def state(self, stage: str) -> str:
+        """done | interrupted (the stage's folder holds something, not all of it) | missing."""
+        if not self.unfinished(stage):
+            return "done"
+        folder = getattr(self, stage).dir
+        return "interrupted" if folder.is_dir() and any(folder.iterdir()) else "missing"
+
+    def done(self, stage: str) -> bool:
+        return self.state(stage) == "done"
+
+
+def _complete(path: Path) -> bool:
+    if path.suffix != ".json":
+        return path.exists()
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
