@@ -4,7 +4,8 @@
 
 Writes RUN_DIR/reward/model (a full AutoModelForSequenceClassification: PPO's reward and the start of
 its value model), reward/adapter (LoRA + head), reward/metrics.json (held-out pairwise accuracy overall
-and per source) and reward/log.jsonl.
+and per source) and reward/log.jsonl; with ``track.report_to``, the per-step logs and those figures to the
+trackers (rlhf/tracking.py).
 """
 
 from __future__ import annotations
@@ -56,39 +57,22 @@ def pairwise_accuracy(model, tokenizer, examples: list[dict]) -> dict:
 
 def run_reward(cfg: Config, run_dir: Path) -> dict:
     import torch
-    from datasets import Dataset
-    from trl import RewardConfig as TRLRewardConfig
-    from trl import RewardTrainer
 
-    from rlhf.models import gather_trained, load_tokenizer, lora_config, resolve_model, torch_dtype, truncate_layers
+    from rlhf.models import gather_trained, load_tokenizer, torch_dtype, truncate_layers
     from rlhf.precision import base_dtype, resolve, trainable_in_fp32
-    from rlhf.trainer_args import shared_args
+    from rlhf.tracking import Tracker, TrackerCallback
 
     run = RunDir(run_dir)
     run.need(run.data.pairs_dir)
     rc, mc = cfg.reward, cfg.model
     dtype = resolve(mc, "reward")
-    rows, report = load_pairs(run, rc.sources)
-    if not rows:
-        raise MissingInput(
-            f"no preference pairs for sources {rc.sources} under {run.data.pairs_dir}; "
-            "run `rlhf data prepare` (and `rlhf label import` for labels)"
-        )
-    if rc.balance:
-        rows = balance(rows, rc.balance_ratio, cfg.run.seed)
-    train_rows, val_rows = split_by_user(rows, rc.val_fraction, cfg.run.seed)
+    train_rows, val_rows, report = _pair_rows(run, rc, cfg.run.seed)
     out = run.reward
     out.dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run, ["reward"])
+    save_resolved(cfg, run, ["reward", "track"])
     torch.manual_seed(cfg.run.seed)
 
-    sft_merged = run.sft.merged
-    if rc.init == "sft":
-        run.need(sft_merged)
-    # the SFT model already reads these prompts; a reward head on it learns faster than on the base
-    base_path = (
-        str(sft_merged) if rc.init == "sft" or (rc.init == "auto" and sft_merged.exists()) else resolve_model(mc.name)
-    )
+    base_path = _init_path(run, rc.init, mc.name)
     tokenizer = load_tokenizer(base_path)
     train_ex, long_train = _tokenized(train_rows, tokenizer, rc.max_length, rc.use_margin)
     val_ex, long_val = _tokenized(val_rows, tokenizer, rc.max_length, rc.use_margin)
@@ -102,20 +86,10 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         model.config.pad_token_id = tokenizer.pad_token_id
         return model
 
-    model = load_truncated(base_path, base_dtype(mc))
-    args = TRLRewardConfig(
-        center_rewards_coefficient=rc.center_rewards_coefficient or None,
-        **shared_args(rc, mc, out.trainer, cfg.run.seed),
-    )
-    columns = ["chosen_ids", "rejected_ids"] + (["margin"] if rc.use_margin else [])
-    trainer = RewardTrainer(
-        model=model,
-        args=args,
-        processing_class=tokenizer,
-        train_dataset=Dataset.from_list([{c: e[c] for c in columns} for e in train_ex]),
-        peft_config=lora_config(mc, task_type="SEQ_CLS") if mc.use_lora else None,
-    )
+    trainer = _trainer(load_truncated(base_path, base_dtype(mc)), tokenizer, train_ex, cfg, out)
     trainable_in_fp32(trainer.model)  # the new score head too
+    tracker = Tracker(cfg, run, "reward", main_process=trainer.is_world_process_zero())
+    trainer.add_callback(TrackerCallback(tracker))
     t0 = time.time()
     trainer.train()
     seconds = time.time() - t0
@@ -131,17 +105,12 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)
     train_acc = pairwise_accuracy(trained, tokenizer, train_ex[: rc.accuracy_on_train])
+    pairs = {"read": report["read"], "dropped": report["dropped"], "train": len(train_ex), "val": len(val_ex)}
     metrics = {
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "init": base_path,
-        "pairs": {
-            "read": report["read"],
-            "dropped": report["dropped"],
-            "train": len(train_ex),
-            "val": len(val_ex),
-            "too_long": long_train + long_val,
-        },
+        "pairs": {**pairs, "too_long": long_train + long_val},
         "val_accuracy": acc["overall"],
         "val_by_source": acc["by_source"],
         "val_mean_margin": acc.get("mean_margin"),
@@ -151,10 +120,61 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         "behaviour_model": behaviour,
     }
     out.metrics.write_text(json.dumps(metrics, indent=2))
+    tracker.finish(metrics)
     per = ", ".join(f"{s}={v['accuracy']:.3f} (n={v['n']})" for s, v in acc["by_source"].items())
     print(f"reward: {metrics['steps']} steps in {seconds:.0f}s; held-out accuracy {acc['overall']:.3f} [{per}]")
     print(f"reward: wrote {out.model}")
     return metrics
+
+
+def _trainer(model, tokenizer, train_ex: list[dict], cfg: Config, out):
+    """TRL's RewardTrainer on the tokenized pairs (with their margins under reward.use_margin), LoRA + score head."""
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig
+    from trl import RewardTrainer
+
+    from rlhf.models import lora_config
+    from rlhf.trainer_args import shared_args
+
+    rc, mc = cfg.reward, cfg.model
+    args = TRLRewardConfig(
+        center_rewards_coefficient=rc.center_rewards_coefficient or None,
+        **shared_args(rc, mc, out.trainer, cfg.run.seed),
+    )
+    columns = ["chosen_ids", "rejected_ids"] + (["margin"] if rc.use_margin else [])
+    return RewardTrainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{c: e[c] for c in columns} for e in train_ex]),
+        peft_config=lora_config(mc, task_type="SEQ_CLS") if mc.use_lora else None,
+    )
+
+
+def _pair_rows(run: RunDir, rc, seed: int) -> tuple[list, list, dict]:
+    """Training and held-out pairs (split by user) of the configured sources, and what loading them counted."""
+    rows, report = load_pairs(run, rc.sources)
+    if not rows:
+        raise MissingInput(
+            f"no preference pairs for sources {rc.sources} under {run.data.pairs_dir}; "
+            "run `rlhf data prepare` (and `rlhf label import` for labels)"
+        )
+    if rc.balance:
+        rows = balance(rows, rc.balance_ratio, seed)
+    train_rows, val_rows = split_by_user(rows, rc.val_fraction, seed)
+    return train_rows, val_rows, report
+
+
+def _init_path(run: RunDir, init: str, model_name: str) -> str:
+    """The model the reward model starts from: the SFT model already reads these prompts, so a reward head on it
+    learns faster than on the base (reward.init: auto = SFT when it exists)."""
+    from rlhf.models import resolve_model
+
+    if init == "sft":
+        run.need(run.sft.merged)
+    if init == "sft" or (init == "auto" and run.sft.merged.exists()):
+        return str(run.sft.merged)
+    return resolve_model(model_name)
 
 
 def _fit_behaviour(run: RunDir, name: str) -> str | None:

@@ -18,7 +18,7 @@ EXIT_ERROR, EXIT_USAGE = 1, 2
 
 
 def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
-    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval, label)")
+    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval, label, track)")
     p.add_argument(run_flag, dest="run", help="run directory (default: runs/<run.name> from the config)")
     p.add_argument("--model", help="base model: smollm2-135m (default), tiny, a local path or a hub id")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--json", action="store_true", help="print one JSON object")
     rec.add_argument("--max-new-tokens", type=int, default=160)
 
+    _label_parser(sub)
+    _export_parser(sub)
+    pipe = sub.add_parser("pipeline", help="data -> sft -> reward -> ppo -> eval, skipping finished stages")
+    _common(pipe)
+
+    status = sub.add_parser("status", help="which stages of a run are done, interrupted or missing, and what next")
+    status.add_argument("--run", required=True, help="run directory")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def _label_parser(sub) -> None:
     label = sub.add_parser("label", help="offline preference-labeling rounds")
     lsub = label.add_subparsers(dest="action", required=True, metavar="ACTION")
     helps = {
@@ -97,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     lp["simulate"].add_argument("--labelers", type=int)
     lp["simulate"].add_argument("--noise", type=float)
 
+
+def _export_parser(sub) -> None:
     exp = sub.add_parser("export", help="package a stage for chat assistants: PEFT adapter, merged model or GGUF")
     _common(exp)
     exp.add_argument("--out", required=True)
@@ -115,10 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="with --format gguf: also the LoRA adapter as a llama.cpp adapter GGUF with its base (default on)",
     )
-
-    pipe = sub.add_parser("pipeline", help="data -> sft -> reward -> ppo -> eval, skipping finished stages")
-    _common(pipe)
-    return parser
 
 
 def _flag_overrides(args) -> list[str]:
@@ -178,6 +188,10 @@ def _load(args):
 
 
 def dispatch(args) -> int:
+    if args.command == "status":  # reads the run's files only: no config, nothing loaded
+        from rlhf.status import run_status
+
+        return run_status(args.run, as_json=args.json)
     cfg = _load(args)
     run_dir = cfg.run.path
     cmd = args.command

@@ -1,7 +1,7 @@
 """One dataclass per stage, loaded from a sectioned YAML recipe and ``section.field=value`` overrides.
 
 A recipe has one top-level mapping per section (``run``, ``model``, ``data``, ``sft``, ``reward``,
-``ppo``, ``eval``, ``label``); every section is optional and every field has a default. Values are
+``ppo``, ``eval``, ``label``, ``track``); every section is optional and every field has a default. Values are
 checked against the field's type when loaded and cross-field rules run in ``__post_init__``, so a bad
 recipe fails before any model is loaded. Each stage writes the resolved config into
 ``RUN_DIR/config.yaml``.
@@ -288,19 +288,12 @@ class PPOStageConfig:
         "where the old log-probabilities in PPO's ratio come from: training = a forward pass like the optimisation's "
         "(ratio 1 at the first step in any dtype) | sampler = the sampler's own scores (TRL's default)",
     )
-    report_to: str = _f("none", "none | tensorboard")
 
     def __post_init__(self):
         self.reward_weights = _reward_weights(self.reward_weights, "ppo.reward_weights")
         _choice("ppo.rollout_logprobs", self.rollout_logprobs, ("training", "sampler"))
         _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k3"))
         _choice("ppo.lr_scheduler", self.lr_scheduler, ("linear", "constant"))
-        _choice("ppo.report_to", self.report_to, ("none", "tensorboard"))
-        if self.report_to == "tensorboard":
-            import importlib.util
-
-            if importlib.util.find_spec("tensorboard") is None:
-                raise ConfigError("ppo.report_to=tensorboard needs the tensorboard package: pip install tensorboard")
         if self.batch_size % self.mini_batches:
             raise ConfigError(
                 f"ppo.batch_size ({self.batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})"
@@ -365,6 +358,44 @@ class LabelConfig:
             raise ConfigError(f"label.port={self.port} is not a TCP port")
 
 
+# tracker -> the package it needs (rlhf/tracking.py writes the logs)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
+
+
+def missing_packages(packages) -> list[str]:
+    """The ones of ``packages`` that cannot be imported here (looked up, not imported)."""
+    import importlib.util
+
+    return [p for p in packages if importlib.util.find_spec(p) is None]
+
+
+@dataclass
+class TrackConfig:
+    """Experiment trackers. One list for every stage (sft, reward, ppo, eval, labeling rounds), not a field per
+    stage: a run's stages then line up as one group, named after the run directory. Not in ``run``, whose
+    section is frozen once the data is prepared: trackers can be switched on for any later stage."""
+
+    report_to: list = _f(
+        [],
+        "trackers every stage logs to, under RUN_DIR/logs/<tracker>/: tensorboard | trackio (local store) | "
+        "wandb (offline; `wandb sync` uploads later); [] or none = no tracker",
+    )
+    project: str = _f("rec-rlhf", "trackio and wandb project; each run directory is one group in it")
+
+    def __post_init__(self):
+        self.report_to = list(dict.fromkeys(r for r in self.report_to if r != "none"))
+        for name in self.report_to:
+            _choice("track.report_to", name, tuple(TRACKER_PACKAGES))
+        missing = missing_packages(TRACKER_PACKAGES[name] for name in self.report_to)
+        if missing:
+            raise ConfigError(
+                f"track.report_to={','.join(self.report_to)} needs the package(s) {', '.join(missing)}, not installed: "
+                f"pip install {' '.join(missing)} (every tracker: pip install 'rec-rlhf[track]')"
+            )
+        if not self.project.strip():
+            raise ConfigError("track.project must not be empty")
+
+
 SECTIONS: dict[str, type] = {
     "run": RunConfig,
     "model": ModelConfig,
@@ -374,6 +405,7 @@ SECTIONS: dict[str, type] = {
     "ppo": PPOStageConfig,
     "eval": EvalConfig,
     "label": LabelConfig,
+    "track": TrackConfig,
 }
 
 
@@ -387,6 +419,7 @@ class Config:
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -452,7 +485,17 @@ def read_sections(path: str | os.PathLike) -> dict:
     for k, v in raw.items():
         if v is not None and not isinstance(v, dict):
             raise ConfigError(f"{p}: section {k} must be a mapping of fields, got {type(v).__name__}")
-    return {k: dict(v or {}) for k, v in raw.items()}
+    return _moved_fields({k: dict(v or {}) for k, v in raw.items()}, p)
+
+
+def _moved_fields(sections: dict, path: Path) -> dict:
+    """Fields that moved, read from older recipes and runs' config.yaml: ppo.report_to (none | tensorboard, PPO
+    only) is now track.report_to, for every stage."""
+    old = sections.get("ppo", {}).pop("report_to", None)
+    if old not in (None, "none"):
+        sections.setdefault("track", {}).setdefault("report_to", [old])
+        print(f"config: {path}: ppo.report_to is now track.report_to (every stage); read as [{old}]", file=sys.stderr)
+    return sections
 
 
 def _layer(run_sections: dict, recipe: dict, frozen: set[str]) -> dict:

@@ -237,13 +237,14 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     from reward_models.composite import for_run
     from rlhf.precision import resolve
     from rlhf.report import write_report
+    from rlhf.tracking import Tracker
 
     run, ec = RunDir(run_dir), cfg.eval
     users = HeldOutUsers(run, ec.split, ec.max_users)
     k = k or users.meta["k"]
     out = run.eval
     out.dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run, ["eval"])
+    save_resolved(cfg, run, ["eval", "track"])
     torch.manual_seed(cfg.run.seed)
     dtype = resolve(cfg.model, "eval")
     composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power) if run.done("reward") else None
@@ -293,6 +294,8 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     results["notes"] = notes
     out.metrics.write_text(json.dumps(results, indent=2))
     write_report(run, results, users, examples)
+    # the table and the paired comparisons go to the trackers (track.report_to), as final/<part>/<row>/<metric>
+    Tracker(cfg, run, "eval").finish({p: results[p] for p in ("stages", "baselines", "vs_sft", "vs_baselines")})
     print(f"eval: {len(users.rows)} {ec.split} users, K={k}; wrote {out.metrics} and {out.report_html}")
     for line in M.describe_eval(results):
         print(f"eval: {line}")

@@ -12,7 +12,8 @@ trainer and its TRL fixes are in rlhf/ppo_trainer.py, the resume record in rlhf/
 
 Writes RUN_DIR/ppo/adapter (PEFT), metrics.jsonl (one line per update), rollouts.jsonl (sampled completions with
 their reward terms), samples.jsonl, summary.json and checkpoints/update-NNNNNN/ every ``ppo.checkpoint_every``
-updates. ``--resume`` continues from the newest complete checkpoint.
+updates; with ``track.report_to``, every update's metrics and the summary to the trackers (rlhf/tracking.py).
+``--resume`` continues from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from rlhf.ppo_trainer import RecPPOTrainer
     from rlhf.precision import base_dtype, resolve
     from rlhf.rollout import PPOPolicy
+    from rlhf.tracking import Tracker, TrackerCallback
 
     run = RunDir(run_dir)
     sft_path, rm_path = run.need(run.sft.merged), run.need(run.reward.model)
@@ -50,7 +52,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     done = json.loads((resume_from / "state.json").read_text())["update"] if resume_from else 0
     if state.is_main_process:
         _prepare_output(run.ppo, resume_from, done)
-        save_resolved(cfg, run, ["ppo"])
+        save_resolved(cfg, run, ["ppo", "track"])
     state.wait_for_everyone()
     if done >= ppo_cfg.total_updates:
         print(f"ppo: {done} of {ppo_cfg.total_updates} updates already done")
@@ -88,11 +90,16 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         merged_rollouts=ppo_cfg.merged_rollouts,
         constraints=constraints,
     )
+    tracker = Tracker(cfg, run, "ppo", resume=resume_from is not None, main_process=state.is_main_process)
+    trainer.add_callback(TrackerCallback(tracker))  # every update's metrics, as ppo/metrics.jsonl has them
     if resume_from:
         print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
     t0 = time.time()
     trainer.train()
-    return _finish(trainer, run, cfg, tokenizer, reward.composite, done, time.time() - t0, dtype)
+    summary = _finish(trainer, run, cfg, tokenizer, reward.composite, done, time.time() - t0, dtype)
+    if summary:
+        tracker.finish(summary)
+    return summary
 
 
 def _reward_and_constraints(run: RunDir, cfg: Config, tokenizer, rows, ids, policy_config, dtype: str):
@@ -117,7 +124,8 @@ def _reward_and_constraints(run: RunDir, cfg: Config, tokenizer, rows, ids, poli
 
 def _trl_config(cfg: Config, run: RunDir, done: int, processes: int):
     """TRL's PPOConfig for the remaining updates. The rollout batch per process is per_device_train_batch_size x
-    gradient_accumulation_steps, split into num_mini_batches: one micro-batch per mini-batch."""
+    gradient_accumulation_steps, split into num_mini_batches: one micro-batch per mini-batch. Trackers are ours
+    (rlhf/tracking.py), so TRL reports to none."""
     from trl.experimental.ppo import PPOConfig
 
     from rlhf.precision import trainer_precision
@@ -147,7 +155,7 @@ def _trl_config(cfg: Config, run: RunDir, done: int, processes: int):
         num_sample_generations=0,
         logging_steps=1,
         save_strategy="no",
-        report_to=[] if p.report_to == "none" else [p.report_to],
+        report_to=[],
         seed=cfg.run.seed + done,
         lr_scheduler_type=p.lr_scheduler,
         gradient_checkpointing=False,
@@ -157,7 +165,8 @@ def _trl_config(cfg: Config, run: RunDir, done: int, processes: int):
 
 
 def _finish(trainer, run: RunDir, cfg: Config, tokenizer, composite, done: int, seconds: float, dtype: str) -> dict:
-    """Adapter, samples and summary, written by the main process (TRL 1.12 fails saving on another rank)."""
+    """Adapter, samples and ppo/summary.json (written last: the stage's done marker), by the main process only
+    (TRL 1.12 fails saving on another rank)."""
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return {}

@@ -8,8 +8,11 @@
       ppo/                  adapter/, checkpoints/, metrics.jsonl, rollouts.jsonl, samples.jsonl, summary.json
       eval/                 metrics.json, listings.jsonl, report.md, report.html, plots/
       labels/round-NNN/     batch.jsonl, provenance.jsonl, manifest.json, judgments.jsonl, pairs.parquet, summary.json
+      logs/                 tensorboard/<stage>/, trackio/ (its local store), wandb/ (offline runs): track.report_to
 
-A missing input is a ``MissingInput`` that names the command making it (``RunDir.need``).
+A missing input is a ``MissingInput`` that names the command making it (``RunDir.need``). A stage is done when
+the files it writes last are there and readable, interrupted when its folder holds anything less
+(``RunDir.state``).
 """
 
 from __future__ import annotations
@@ -125,6 +128,16 @@ class RoundFiles(_Part):
     summary = property(lambda self: self.dir / "summary.json")
 
 
+class LogFiles(_Part):
+    """Where each experiment tracker writes (rlhf/tracking.py)."""
+
+    trackio = property(lambda self: self.dir / "trackio")  # trackio's local store: one SQLite file per project
+    wandb = property(lambda self: self.dir / "wandb")  # wandb's offline runs, under wandb/offline-run-*
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.dir / "tensorboard" / stage
+
+
 def round_name(round_no: int) -> str:
     return f"round-{round_no:03d}"
 
@@ -137,6 +150,8 @@ class LabelFiles(_Part):
         """Every imported round's pairs, in round order."""
         return sorted(self.dir.glob("round-*/pairs.parquet"))
 
+
+STAGES = ("data", "sft", "reward", "ppo", "eval")
 
 # the command that makes each part, for MissingInput messages
 MAKERS = {
@@ -160,6 +175,7 @@ class RunDir:
         self.ppo = PPOFiles(self.root / "ppo")
         self.eval = EvalFiles(self.root / "eval")
         self.labels = LabelFiles(self.root / "labels")
+        self.logs = LogFiles(self.root / "logs")
 
     def need(self, path: Path) -> Path:
         """``path`` when it exists; otherwise a MissingInput naming the command that makes it."""
@@ -193,12 +209,36 @@ class RunDir:
         table = pq.read_table(self.need(path))
         return [] if table.column_names == ["empty"] else table.to_pylist()
 
-    def done(self, stage: str) -> bool:
-        marker = {
-            "data": self.data.summary,
-            "sft": self.sft.merged / "config.json",
-            "reward": self.reward.metrics,
-            "ppo": self.ppo.adapter / "adapter_config.json",
-            "eval": self.eval.metrics,
+    def finals(self, stage: str) -> list[Path]:
+        """The files a stage writes last: all there (the JSON ones readable) means the stage finished."""
+        return {
+            "data": [self.data.summary],
+            "sft": [self.sft.merged / "config.json", self.sft.metrics],
+            "reward": [self.reward.model / "config.json", self.reward.metrics],
+            "ppo": [self.ppo.adapter / "adapter_config.json", self.ppo.summary],
+            "eval": [self.eval.metrics, self.eval.report_html],
         }[stage]
-        return marker.exists()
+
+    def unfinished(self, stage: str) -> list[Path]:
+        """The stage's last files that are absent or half-written."""
+        return [p for p in self.finals(stage) if not _complete(p)]
+
+    def state(self, stage: str) -> str:
+        """done | interrupted (the stage's folder holds something, not all of it) | missing."""
+        if not self.unfinished(stage):
+            return "done"
+        folder = getattr(self, stage).dir
+        return "interrupted" if folder.is_dir() and any(folder.iterdir()) else "missing"
+
+    def done(self, stage: str) -> bool:
+        return self.state(stage) == "done"
+
+
+def _complete(path: Path) -> bool:
+    if path.suffix != ".json":
+        return path.exists()
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True

@@ -4,7 +4,8 @@
     accelerate launch --config_file accelerate_configs/single_gpu.yaml -m rlhf sft --run runs/demo
 
 Writes RUN_DIR/sft/adapter (LoRA), RUN_DIR/sft/merged (the model PPO starts from and its KL reference),
-log.jsonl, samples.jsonl (held-out generations before and after training) and metrics.json.
+log.jsonl, samples.jsonl (held-out generations before and after training) and metrics.json; with
+``track.report_to``, the per-step logs and those figures to the trackers (rlhf/tracking.py).
 """
 
 from __future__ import annotations
@@ -42,16 +43,9 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from rlhf.models import (
-        gather_trained,
-        gpu_peak_gb,
-        load_causal_lm,
-        load_tokenizer,
-        lora_config,
-        resolve_model,
-        torch_dtype,
-    )
+    from rlhf.models import gather_trained, load_causal_lm, load_tokenizer, lora_config, resolve_model, torch_dtype
     from rlhf.precision import base_dtype, resolve, trainable_in_fp32
+    from rlhf.tracking import Tracker, TrackerCallback
     from rlhf.trainer_args import shared_args
 
     run = RunDir(run_dir)
@@ -67,7 +61,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     meta, catalog = run.meta(), run.catalog()
     out = run.sft
     out.dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(cfg, run, ["model", "sft"])
+    save_resolved(cfg, run, ["model", "sft", "track"])
     torch.manual_seed(cfg.run.seed)
 
     sc, mc = cfg.sft, cfg.model
@@ -91,12 +85,13 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         peft_config=lora_config(mc) if mc.use_lora else None,
     )
     trainable_in_fp32(trainer.model)
+    tracker = Tracker(cfg, run, "sft", main_process=trainer.is_world_process_zero())
+    trainer.add_callback(TrackerCallback(tracker))
     t0 = time.time()
     result = trainer.train()
     seconds = time.time() - t0
-    logs = trainer.state.log_history
     with open(out.log, "w") as f:
-        for entry in logs:
+        for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
 
     # the merge runs in float32 and sft/merged is saved in float32, whatever the compute dtype: each later
@@ -115,21 +110,9 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
                 json.dumps({"user_id": r["user_id"], "target": r["completion"][0]["content"], "before": b, "after": a})
                 + "\n"
             )
-    losses = [e["loss"] for e in logs if "loss" in e]
-    metrics = {
-        "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "seconds": round(seconds, 1),
-        "seconds_per_step": round(seconds / max(trainer.state.global_step, 1), 2),
-        "samples_before": before,
-        "samples_after": after,
-        "examples": len(rows),
-        "gpu_peak_gb": gpu_peak_gb(),
-        "dtype": dtype,
-    }
+    metrics = _metrics(trainer.state, result, seconds, before, after, len(rows), dtype)
     out.metrics.write_text(json.dumps(metrics, indent=2))
+    tracker.finish(metrics)
     print(
         f"sft: {metrics['steps']} steps in {seconds:.0f}s, loss {metrics['first_loss']} -> {metrics['last_loss']}; "
         f"valid listings on {len(sample_rows)} held-out prompts: "
@@ -137,3 +120,23 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     )
     print(f"sft: wrote {out.adapter} and {out.merged}")
     return metrics
+
+
+def _metrics(state, result, seconds: float, before: dict, after: dict, examples: int, dtype: str) -> dict:
+    """What sft/metrics.json holds: steps, losses, time, held-out valid listings before and after."""
+    from rlhf.models import gpu_peak_gb
+
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    return {
+        "steps": state.global_step,
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": round(seconds, 1),
+        "seconds_per_step": round(seconds / max(state.global_step, 1), 2),
+        "samples_before": before,
+        "samples_after": after,
+        "examples": examples,
+        "gpu_peak_gb": gpu_peak_gb(),
+        "dtype": dtype,
+    }

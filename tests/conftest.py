@@ -57,10 +57,14 @@ def tiny_data(tmp_path_factory):
     return run
 
 
+# the shared run logs to both local trackers from SFT on; reward, PPO and eval take it from the run's config.yaml
+TRACKED = "track.report_to=tensorboard,trackio"
+
+
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_data, tmp_path_factory):
-    """+ sft/"""
-    return _next_stage(tiny_data, tmp_path_factory, "sft")
+    """+ sft/ (tracked from here on: the run's config.yaml carries track.report_to to the later stages)"""
+    return _next_stage(tiny_data, tmp_path_factory, "sft", TRACKED)
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +83,14 @@ def tiny_ppo(tiny_reward, tmp_path_factory):
 def tiny_eval(tiny_ppo, tmp_path_factory):
     """+ eval/ (base, SFT and PPO against the baselines)"""
     return _next_stage(tiny_ppo, tmp_path_factory, "eval")
+
+
+@pytest.fixture(scope="session")
+def tiny_eval(tiny_ppo):
+    """The shared run evaluated (test_eval_writes_metrics_report_and_plots may have done it already)."""
+    if not (tiny_ppo / "eval" / "report.html").exists():
+        rlhf("eval", "--run", tiny_ppo, "--config", TINY)
+    return tiny_ppo
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -40,8 +40,16 @@ def run_label(cfg, run_dir: Path, args) -> None:
     elif args.action == "import":
         from rlhf.labeling.importer import run_import
 
-        run_import(cfg, run_dir, args.round)
+        _track_round(cfg, run_dir, run_import(cfg, run_dir, args.round))
     elif args.action == "simulate":
         from rlhf.labeling.simulate import run_simulate
 
-        run_simulate(cfg, run_dir, args.round)
+        _track_round(cfg, run_dir, run_simulate(cfg, run_dir, args.round))
+
+
+def _track_round(cfg, run_dir: Path, summary: dict) -> None:
+    """An imported round's figures (pairs, agreement, stage wins) as one step of the trackers' labels run."""
+    if cfg.track.report_to:
+        from rlhf.tracking import log_round
+
+        log_round(cfg, RunDir(run_dir), summary)
