@@ -85,13 +85,5 @@ def tiny_eval(tiny_ppo, tmp_path_factory):
     return _next_stage(tiny_ppo, tmp_path_factory, "eval")
 
 
-@pytest.fixture(scope="session")
-def tiny_eval(tiny_ppo):
-    """The shared run evaluated (test_eval_writes_metrics_report_and_plots may have done it already)."""
-    if not (tiny_ppo / "eval" / "report.html").exists():
-        rlhf("eval", "--run", tiny_ppo, "--config", TINY)
-    return tiny_ppo
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
