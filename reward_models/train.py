@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 from reward_models.encoding import encode, score_sequences
@@ -58,7 +59,7 @@ def pairwise_accuracy(model, tokenizer, examples: list[dict]) -> dict:
 def run_reward(cfg: Config, run_dir: Path) -> dict:
     import torch
 
-    from rlhf.models import gather_trained, load_tokenizer, torch_dtype, truncate_layers
+    from rlhf.models import gather_trained, load_tokenizer, torch_dtype
     from rlhf.precision import base_dtype, resolve, trainable_in_fp32
     from rlhf.tracking import Tracker, TrackerCallback
 
@@ -81,11 +82,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     if not train_ex:
         raise ConfigError(f"every training pair is longer than reward.max_length={rc.max_length}; raise it")
 
-    def load_truncated(path: str, dtype: str = "float32"):
-        model = truncate_layers(load_reward_model(path, dtype), rc.layers)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        return model
-
+    load_truncated = partial(_load_truncated, layers=rc.layers, pad_id=tokenizer.pad_token_id)
     trainer = _trainer(load_truncated(base_path, base_dtype(mc)), tokenizer, train_ex, cfg, out)
     trainable_in_fp32(trainer.model)  # the new score head too
     tracker = Tracker(cfg, run, "reward", main_process=trainer.is_world_process_zero())
@@ -149,6 +146,15 @@ def _trainer(model, tokenizer, train_ex: list[dict], cfg: Config, out):
         train_dataset=Dataset.from_list([{c: e[c] for c in columns} for e in train_ex]),
         peft_config=lora_config(mc, task_type="SEQ_CLS") if mc.use_lora else None,
     )
+
+
+def _load_truncated(path: str, dtype: str = "float32", *, layers: int, pad_id: int):
+    """The reward model (or the model it starts from) with its first ``layers`` decoder layers and a pad id."""
+    from rlhf.models import truncate_layers
+
+    model = truncate_layers(load_reward_model(path, dtype), layers)
+    model.config.pad_token_id = pad_id
+    return model
 
 
 def _pair_rows(run: RunDir, rc, seed: int) -> tuple[list, list, dict]:

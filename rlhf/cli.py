@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--mode", choices=["generate", "rerank"])
     prep.add_argument("--num-candidates", type=int)
     prep.add_argument("--retriever", choices=["ease", "itemknn", "popularity", "random"])
+    prep.add_argument("--protocol", choices=["retrieved", "random"], help="rerank candidates (see data.protocol)")
     prep.add_argument("--k", type=int)
     prep.add_argument("--seed", type=int)
 
@@ -141,6 +142,7 @@ def _flag_overrides(args) -> list[str]:
         "mode": "data.mode",
         "num_candidates": "data.num_candidates",
         "retriever": "data.retriever",
+        "protocol": "data.protocol",
         "seed": "data.seed",
         "sources": "reward.sources",
         "split": "eval.split",

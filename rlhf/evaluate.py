@@ -359,22 +359,15 @@ def _constraints(users: HeldOutUsers, tokenizer):
 def _comparisons(results: dict, per_user: dict, stages: list, baselines: list) -> None:
     """Paired differences on the same users: each later stage against SFT (true utility, ndcg@K, composite
     reward) and each LLM stage against each baseline (true utility, ndcg@K)."""
-
-    def paired(a: str, b: str, metrics) -> dict:
-        return {
-            m: M.paired_difference(per_user[a][m], per_user[b][m])
-            for m in metrics
-            if m in per_user[a] and m in per_user[b]
-        }
-
     llm = [s for s in stages if s in per_user]
-    shared = lambda a, b: [m for m in per_user[a] if m in per_user[b]]  # noqa: E731
-    results["vs_sft"] = {
-        s: paired(s, "sft", shared(s, "sft")) for s in llm if s not in ("sft", "base") and "sft" in per_user
-    }
-    results["vs_baselines"] = {
-        s: {b: paired(s, b, [m for m in shared(s, b) if m != "reward"]) for b in baselines} for s in llm
-    }
+    results["vs_sft"] = {s: _paired(per_user, s, "sft") for s in llm if s not in ("sft", "base") and "sft" in per_user}
+    results["vs_baselines"] = {s: {b: _paired(per_user, s, b, skip=("reward",)) for b in baselines} for s in llm}
+
+
+def _paired(per_user: dict, a: str, b: str, skip=()) -> dict:
+    """Every per-user metric ``a`` and ``b`` both have (in ``a``'s order): mean of a - b and its paired SE."""
+    shared = [m for m in per_user[a] if m in per_user[b] and m not in skip]
+    return {m: M.paired_difference(per_user[a][m], per_user[b][m]) for m in shared}
 
 
 def _reward_vs_truth(per_user: dict, scored: dict, composite) -> dict | None:

@@ -104,12 +104,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     merged = merged.to(torch_dtype(dtype))
 
     after_texts, after = _samples(merged, tokenizer, sample_rows, catalog, meta["k"], gen_tokens)
-    with open(out.samples, "w") as f:
-        for r, b, a in zip(sample_rows, before_texts, after_texts):
-            f.write(
-                json.dumps({"user_id": r["user_id"], "target": r["completion"][0]["content"], "before": b, "after": a})
-                + "\n"
-            )
+    _write_samples(out.samples, sample_rows, before_texts, after_texts)
     metrics = _metrics(trainer.state, result, seconds, before, after, len(rows), dtype)
     out.metrics.write_text(json.dumps(metrics, indent=2))
     tracker.finish(metrics)
@@ -120,6 +115,14 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     )
     print(f"sft: wrote {out.adapter} and {out.merged}")
     return metrics
+
+
+def _write_samples(path: Path, rows: list[dict], before: list[str], after: list[str]) -> None:
+    """Held-out prompts' targets and what the model wrote before and after training: read them."""
+    with open(path, "w") as f:
+        for r, b, a in zip(rows, before, after):
+            row = {"user_id": r["user_id"], "target": r["completion"][0]["content"], "before": b, "after": a}
+            f.write(json.dumps(row) + "\n")
 
 
 def _metrics(state, result, seconds: float, before: dict, after: dict, examples: int, dtype: str) -> dict:

@@ -144,7 +144,8 @@ def test_baselines_on_a_tiny_matrix():
 
 
 def test_rerank_mode_with_random_candidates(tmp_path):
-    """LLaRA / S-DPO protocol: the held-out item plus random items the user never touched, shuffled."""
+    """LLaRA / S-DPO protocol (data.protocol=random): the held-out item plus random items the user never
+    touched, shuffled."""
     from conftest import TINY, rlhf
 
     run = tmp_path / "run"
@@ -157,13 +158,13 @@ def test_rerank_mode_with_random_candidates(tmp_path):
         TINY,
         "--mode",
         "rerank",
-        "--retriever",
+        "--protocol",
         "random",
         "--num-candidates",
         "8",
     )
     meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["mode"] == "rerank" and meta["retriever"] == "random"
+    assert meta["mode"] == "rerank" and meta["protocol"] == "random"
     rows = pq.read_table(run / "data" / "prompts" / "test.parquet").to_pylist()
     positions = set()
     for r in rows:
@@ -186,3 +187,42 @@ def test_rerank_mode_with_random_candidates(tmp_path):
             if line.startswith("- ")
         }
         assert set(listed) <= offered
+
+
+def test_rerank_retrieved_protocol_injects_nothing(tmp_path):
+    """LlamaRec's protocol (the default): a held-out user's candidates are exactly the retriever's own top N for
+    their history, so a held-out item the retriever missed is a miss, never slipped in; SFT targets come from the
+    candidates a prompt offers; training prompts carry the user's next items as their future."""
+    from conftest import TINY, rlhf
+
+    from rlhf import baselines
+    from rlhf.data.splits import stored_training_triples
+
+    run = tmp_path / "run"
+    rlhf("data", "prepare", "--out", run, "--config", TINY, "--mode", "rerank", "--num-candidates", "8")
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["protocol"] == "retrieved" and meta["retriever"] == "ease"
+    cat = Catalog.load_jsonl(run / "data" / "catalog.jsonl")
+    ease = baselines.make(
+        "ease", [it.item_id for it in cat.items], stored_training_triples(run / "data" / "splits.jsonl")
+    )
+    rows = pq.read_table(run / "data" / "prompts" / "test.parquet").to_pylist()
+    missed = 0
+    for r in rows:
+        assert sorted(r["candidate_ids"]) == sorted(ease.recommend(r["history_ids"], 8))
+        missed += not set(r["heldout_ids"]) & set(r["candidate_ids"])
+    assert missed > 0  # some held-out items were not retrieved, and stay out
+    train = pq.read_table(run / "data" / "prompts" / "train.parquet").to_pylist()
+    assert any(r["future_ids"] for r in train)
+    for r in train:  # the future is what came after the prompt's history, never in it
+        assert not set(r["future_ids"]) & set(r["history_ids"]) and len(r["history_ratings"]) == len(r["history_ids"])
+    from rlhf.listing import parse_and_ground
+
+    for r in pq.read_table(run / "data" / "sft" / "train.parquet").to_pylist()[:10]:
+        listed = {e.item_id for e in parse_and_ground(r["completion"][0]["content"], cat)}
+        offered = {
+            cat.ground(line.split('"')[1]).item_id
+            for line in r["prompt"][1]["content"].split("<candidates>")[1].splitlines()
+            if line.startswith("- ")
+        }
+        assert listed <= offered

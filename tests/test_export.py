@@ -314,7 +314,8 @@ def test_modelfile_runs_the_q8_0_file_with_the_training_prompt(gguf_exports, ggu
 def _test_rows(run):
     from rlhf.runs import RunDir
 
-    return RunDir(run).rows("prompts/test.parquet")
+    r = RunDir(run)
+    return r.rows(r.data.prompts("test"))
 
 
 def test_gguf_card_has_hub_metadata_and_eval_results(gguf_exports, gguf_run):

@@ -240,7 +240,8 @@ def test_eval_writes_metrics_report_and_plots(tiny_eval):
     m = json.loads((out / "metrics.json").read_text())
     assert set(m) >= {"k", "mode", "stages", "baselines", "cold_start", "notes"}
     assert set(m["stages"]) == {"base", "sft", "ppo"}
-    assert set(m["baselines"]) == {"popularity", "itemknn", "ease"}
+    # the classic three, and the reward's behaviour model (its own top K: a policy that only copies it shows)
+    assert set(m["baselines"]) == {"popularity", "itemknn", "ease", "behaviour_model"}
     for name in (
         "hr@3",
         "ndcg@3",

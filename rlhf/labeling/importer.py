@@ -69,41 +69,19 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
 
     out = round_files(run_dir, round_no)
     batch = Batch.load(run_dir, round_no)
-    prov_path = out.provenance
     prov = {}
-    if prov_path.exists():
-        prov = {
-            p["prompt_id"]: p["candidates"]
-            for p in (json.loads(line) for line in prov_path.read_text().splitlines() if line.strip())
-        }
-    records, counts = read_judgments(out.judgments)
-    counts["read"] = len(records)
-    keys, decided = set(), {}
-    for r in records:
-        if r.get("batch_id") != batch.batch_id or r["prompt_id"] not in batch.by_prompt:
-            counts["other_batch_or_unknown_prompt"] += 1
-            continue
-        row = batch.by_prompt[r["prompt_id"]]
-        if r["preferred"] not in (*[c["candidate_id"] for c in row["candidates"]], *SPECIAL):
-            counts["unknown_candidate"] += 1
-            continue
-        if (r["labeler"], r["idempotency_key"]) in keys or (r["labeler"], r["prompt_id"]) in decided:
-            counts["duplicate"] += 1
-            continue
-        keys.add((r["labeler"], r["idempotency_key"]))
-        decided[(r["labeler"], r["prompt_id"])] = r
-    counts["used"] = len(decided)
-
+    if out.provenance.exists():
+        lines = out.provenance.read_text().splitlines()
+        prov = {p["prompt_id"]: p["candidates"] for p in (json.loads(line) for line in lines if line.strip())}
+    decided, counts = _decided(batch, out.judgments)
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     for r in decided.values():
         by_prompt[r["prompt_id"]].append(r)
     source = f"labels:{round_name(round_no)}"
-    pairs, answers, stage_wins = [], Counter(), Counter()
+    pairs, answers, stage_wins, tables = [], Counter(), Counter(), []
     agree_same = agree_all = 0
-    tables = []
     for pid, judged in sorted(by_prompt.items()):
         row = batch.by_prompt[pid]
-        text = {c["candidate_id"]: c["text"] for c in row["candidates"]}
         votes = Counter(j["preferred"] for j in judged)
         answers.update("candidate" if a not in SPECIAL else a for a in (j["preferred"] for j in judged))
         if len(judged) >= 2:
@@ -111,36 +89,11 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
             for a, b in combinations([j["preferred"] for j in judged], 2):
                 agree_all += 1
                 agree_same += a == b
-        labelers = sorted(j["labeler"] for j in judged)
-        for x, y in combinations(sorted(text), 2):
-            if votes[x] == votes[y]:
-                continue
-            win, lose = (x, y) if votes[x] > votes[y] else (y, x)
-            stages = (prov.get(pid, {}).get(win, {}).get("stage"), prov.get(pid, {}).get(lose, {}).get("stage"))
-            if all(stages):
-                stage_wins[f"{stages[0]}>{stages[1]}"] += 1
-            pairs.append(
-                {
-                    "prompt": row["prompt"],
-                    "chosen": [{"role": "assistant", "content": text[win]}],
-                    "rejected": [{"role": "assistant", "content": text[lose]}],
-                    "source": source,
-                    "user_id": row["user_id"],
-                    "provenance": json.dumps(
-                        {
-                            "batch_id": batch.batch_id,
-                            "prompt_id": pid,
-                            "chosen": win,
-                            "rejected": lose,
-                            "votes": {k: votes[k] for k in (win, lose)},
-                            "labelers": labelers,
-                            "chosen_stage": stages[0],
-                            "rejected_stage": stages[1],
-                        },
-                        sort_keys=True,
-                    ),
-                }
-            )
+        pairs += _pairs(batch.batch_id, row, votes, sorted(j["labeler"] for j in judged), prov.get(pid, {}), source)
+    for p in pairs:
+        stages = json.loads(p["provenance"])
+        if stages["chosen_stage"] and stages["rejected_stage"]:
+            stage_wins[f"{stages['chosen_stage']}>{stages['rejected_stage']}"] += 1
     write_rows(pairs, out.pairs)
     per_labeler = Counter(j["labeler"] for j in decided.values())
     summary = {
@@ -168,6 +121,63 @@ def run_import(cfg, run_dir: Path, round_no: int) -> dict:
     if stage_wins:
         print(f"label import: stage wins {dict(stage_wins)}")
     return summary
+
+
+def _decided(batch: Batch, path: Path) -> tuple[dict, Counter]:
+    """One decision per (labeler, prompt) of this batch; repeated keys and lines count once, judgments of another
+    batch, an unknown prompt or an unknown candidate are dropped and counted."""
+    records, counts = read_judgments(path)
+    counts["read"] = len(records)
+    keys, decided = set(), {}
+    for r in records:
+        if r.get("batch_id") != batch.batch_id or r["prompt_id"] not in batch.by_prompt:
+            counts["other_batch_or_unknown_prompt"] += 1
+            continue
+        row = batch.by_prompt[r["prompt_id"]]
+        if r["preferred"] not in (*[c["candidate_id"] for c in row["candidates"]], *SPECIAL):
+            counts["unknown_candidate"] += 1
+            continue
+        if (r["labeler"], r["idempotency_key"]) in keys or (r["labeler"], r["prompt_id"]) in decided:
+            counts["duplicate"] += 1
+            continue
+        keys.add((r["labeler"], r["idempotency_key"]))
+        decided[(r["labeler"], r["prompt_id"])] = r
+    counts["used"] = len(decided)
+    return decided, counts
+
+
+def _pairs(batch_id: str, row: dict, votes: Counter, labelers: list[str], prov: dict, source: str) -> list[dict]:
+    """X beats Y when more labelers picked X than Y: one pair per such (X, Y); an even split gives none. The pair
+    carries the prompt's context (history, ratings, candidates) for the reward terms, as the data stage's do."""
+    text = {c["candidate_id"]: c["text"] for c in row["candidates"]}
+    context = {f: row[f] for f in ("history_ids", "history_ratings", "candidate_ids", "shown") if f in row}
+    out = []
+    for x, y in combinations(sorted(text), 2):
+        if votes[x] == votes[y]:
+            continue
+        win, lose = (x, y) if votes[x] > votes[y] else (y, x)
+        info = {
+            "batch_id": batch_id,
+            "prompt_id": row["prompt_id"],
+            "chosen": win,
+            "rejected": lose,
+            "votes": {k: votes[k] for k in (win, lose)},
+            "labelers": labelers,
+            "chosen_stage": prov.get(win, {}).get("stage"),
+            "rejected_stage": prov.get(lose, {}).get("stage"),
+        }
+        out.append(
+            {
+                "prompt": row["prompt"],
+                "chosen": [{"role": "assistant", "content": text[win]}],
+                "rejected": [{"role": "assistant", "content": text[lose]}],
+                "source": source,
+                "user_id": row["user_id"],
+                "provenance": json.dumps(info, sort_keys=True),
+                **context,
+            }
+        )
+    return out
 
 
 def _answer(row: dict, preferred: str) -> str:
