@@ -99,6 +99,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         return {}
     trained = trained.to(torch_dtype(dtype))
     behaviour = _fit_behaviour(run, rc.behaviour_model)
+    fitted = _fit_weights(run, cfg, val_rows, dtype) if rc.fit_weights else None
 
     acc = pairwise_accuracy(trained, tokenizer, val_ex)
     train_acc = pairwise_accuracy(trained, tokenizer, train_ex[: rc.accuracy_on_train])
@@ -115,6 +116,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         "gpu_peak_gb": gpu_peak_gb(),
         "dtype": dtype,
         "behaviour_model": behaviour,
+        "fitted_weights": fitted,
     }
     out.metrics.write_text(json.dumps(metrics, indent=2))
     tracker.finish(metrics)
@@ -194,3 +196,18 @@ def _fit_behaviour(run: RunDir, name: str) -> str | None:
     item_ids = [it.item_id for it in run.catalog().items]
     BehaviourModel.fit(name, item_ids, stored_training_triples(run.data.splits)).save(run.reward.behaviour)
     return name
+
+
+def _fit_weights(run: RunDir, cfg: Config, pairs: list[dict], dtype: str) -> dict:
+    """Bradley-Terry weights of the composite's terms on the held-out pairs (reward_models/weights.py), written to
+    reward/weights.json beside each term's own pairwise accuracy."""
+    from reward_models.composite import for_run
+    from reward_models.weights import fit_weights
+
+    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power)
+    fitted = fit_weights(composite, pairs)
+    run.reward.weights.write_text(json.dumps(fitted, indent=2))
+    shown = ", ".join(f"{t} {w:.2f}" for t, w in fitted["weights"].items() if w)
+    n, accuracy = fitted["pairs"], fitted["accuracy"]
+    print(f"reward: Bradley-Terry weights on {n} held-out pairs (accuracy {accuracy:.3f}): {shown}")
+    return fitted

@@ -207,6 +207,10 @@ class RewardConfig(TrainCommon):
         "the behaviour term's model, fit on the training interactions: itemknn | ease | popularity | none",
     )
     behaviour_power: float = _f(1.0, "the behaviour term credits each item's percentile to this power (>1: the top)")
+    fit_weights: bool = _f(
+        False,
+        "fit the composite's term weights on the held-out pairs (Bradley-Terry, w >= 0) into reward/weights.json",
+    )
 
     def __post_init__(self):
         self._check_common("reward")

@@ -95,6 +95,7 @@ class SFTFiles(_Part):
 class RewardFiles(_Part):
     model = property(lambda self: self.dir / "model")
     behaviour = property(lambda self: self.dir / "behaviour.npz")
+    weights = property(lambda self: self.dir / "weights.json")
     adapter = property(lambda self: self.dir / "adapter")
     metrics = property(lambda self: self.dir / "metrics.json")
     log = property(lambda self: self.dir / "log.jsonl")

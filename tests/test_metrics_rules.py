@@ -189,3 +189,21 @@ def test_rating_claims_checked_against_the_shown_history(catalog):
     assert rule_terms(entries, 3, history, catalog, shown=shown)["misquoted"] == pytest.approx(-1 / 3)
     assert rule_terms(entries, 3, history, catalog)["misquoted"] == 0.0  # nothing shown: not checked
     assert DEFAULT_WEIGHTS["misquoted"] == 0.0  # off unless a recipe sets it
+
+
+def test_bradley_terry_weights_follow_the_labels():
+    """Labels decided by term a (and a little by b): a earns the most weight, a term unrelated to the labels
+    about none, and a term that points against them none (w >= 0)."""
+    import numpy as np
+
+    from reward_models.weights import fit_bradley_terry, pairwise_accuracy
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 4))  # term differences chosen - rejected, before the labels orient them
+    logits = 3.0 * x[:, 0] + 1.0 * x[:, 1]
+    prefer_first = rng.random(400) < 1 / (1 + np.exp(-logits))
+    x = np.where(prefer_first[:, None], x, -x)  # each row as (chosen - rejected)
+    x[:, 3] = -np.abs(x[:, 3])  # a term always lower on the chosen side
+    w = fit_bradley_terry(x, l2=0.1)
+    assert w[0] > w[1] > 0.3 and w[2] < 0.15 and w[3] == 0.0
+    assert pairwise_accuracy(x, w) > 0.8 and pairwise_accuracy(x[:, [2]], np.ones(1)) < 0.6
