@@ -39,7 +39,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from reward_models.trl_ppo import TRLRewardAdapter
     from rlhf.data.simulator import listing_truth
     from rlhf.models import load_causal_lm, load_tokenizer, lora_config
-    from rlhf.ppo_trainer import RecPPOTrainer
+    from rlhf.ppo_trainer import BudgetSpent, RecPPOTrainer
     from rlhf.precision import base_dtype, resolve, trainer_precision
     from rlhf.rollout import PPOPolicy
 
@@ -55,7 +55,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         print(f"ppo: --resume found no complete checkpoint under {out.checkpoints}; starting from update 0")
     done = json.loads((resume_from / "state.json").read_text())["update"] if resume_from else 0
     if state.is_main_process:
-        _prepare_output(out, resume_from, done)
+        prepare_output(out, resume_from, done)
         save_resolved(cfg, run, ["ppo"])
     state.wait_for_everyone()
     if done >= ppo_cfg.total_updates:
@@ -137,8 +137,11 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     )
     if resume_from:
         print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
-    t0 = time.time()
-    trainer.train()
+    t0, stopped = time.time(), False
+    try:
+        trainer.train()
+    except BudgetSpent:
+        stopped = True
     seconds = time.time() - t0
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:  # TRL fix: saving on another rank fails in TRL 1.12
@@ -146,9 +149,13 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     policy = trainer.policy_module
     policy.save_pretrained(out.adapter)
     tokenizer.save_pretrained(out.adapter)
-    _write_samples(policy, tokenizer, run, reward.composite, ppo_cfg)
+    write_samples(policy, tokenizer, run, reward.composite, ppo_cfg)
+    updates = done + trainer.state.global_step
     summary = {
-        "updates": ppo_cfg.total_updates,
+        "algorithm": "ppo",
+        "updates": updates,
+        "total_updates": ppo_cfg.total_updates,
+        "stopped_by_time": stopped,
         "resumed_at": done or None,
         "seconds": round(seconds, 1),
         "processes": trainer.accelerator.num_processes,
@@ -157,7 +164,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         "reward_weights": ppo_cfg.reward_weights,
     }
     out.summary.write_text(json.dumps(summary, indent=2))
-    print(f"ppo: {remaining} updates in {seconds:.0f}s (total {ppo_cfg.total_updates}); wrote {out.adapter}")
+    print(f"ppo: {updates - done} updates in {seconds:.0f}s (now {updates}); wrote {out.adapter}")
     return summary
 
 
@@ -167,7 +174,7 @@ def _context(row: dict):
     return PromptContext.from_row(row)
 
 
-def _prepare_output(out, resume_from: Path | None, done: int) -> None:
+def prepare_output(out, resume_from: Path | None, done: int) -> None:
     """A fresh run replaces an earlier run's metrics and checkpoints; a resumed one drops the lines logged after
     its checkpoint (they belong to lost work)."""
     if not resume_from and out.dir.exists():
@@ -209,7 +216,7 @@ def _input_in_weight_dtype(module, args):
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
-def _write_samples(policy, tokenizer, run: RunDir, composite, ppo_cfg) -> None:
+def write_samples(policy, tokenizer, run: RunDir, composite, ppo_cfg) -> None:
     """Greedy completions for a few validation users with their reward terms: read them."""
     from rlhf.generation import generate
 
