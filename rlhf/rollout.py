@@ -11,6 +11,9 @@ autocast), by little in float32 and by much more in bf16. ``PPOPolicy.generate``
    weights (``MergedCopy``), refreshed from the live adapters before each rollout. On CPU an unmerged adapter
    halves generation speed. The copy is refreshed from the frozen base each time, so rounding never accumulates.
    Sampling from the merged copy instead of the unmerged policy differs only by float rounding.
+
+GRPO and RLOO (rlhf/rl.py) already take old log-probabilities from a training forward; their ``SampledPolicy``
+only samples from the merged copy.
 """
 
 from __future__ import annotations
@@ -116,3 +119,21 @@ class PPOPolicy(PeftModelForCausalLM):
             "sampler_ratio_outside_clip": float(((ratio - 1).abs() > self.cliprange).double().mean()),
             "sampler_approxkl": float(0.5 * (ratio.log() ** 2).mean()),
         }
+
+
+class SampledPolicy(PeftModelForCausalLM):
+    """The GRPO / RLOO policy: LoRA on the SFT model whose ``generate`` samples from a merged copy of itself
+    (``MergedCopy``, refreshed from the live adapter at each call) once ``use_merged_copy`` has run. TRL's GRPO and
+    RLOO take their old log-probabilities from a training forward, so only sampling moves to the copy."""
+
+    merged_copy: MergedCopy | None = None
+
+    def use_merged_copy(self) -> None:
+        self.merged_copy = MergedCopy(self)
+
+    def generate(self, *args, **kwargs):
+        if self.merged_copy is None:
+            return super().generate(*args, **kwargs)
+        self.merged_copy.refresh()
+        self.merged_copy.model.generation_config = self.generation_config
+        return self.merged_copy.model.generate(*args, **kwargs)

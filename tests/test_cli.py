@@ -3,7 +3,7 @@ from conftest import rlhf
 
 def test_help_lists_every_stage():
     out = rlhf("--help").stdout
-    for stage in ("data", "sft", "reward", "ppo", "eval", "recommend", "label", "export", "pipeline"):
+    for stage in ("data", "sft", "reward", "ppo", "rl", "eval", "recommend", "label", "export", "pipeline"):
         assert stage in out
 
 
