@@ -2,6 +2,7 @@
 
     rlhf data prepare --source builtin --out runs/demo
     rlhf sft --run runs/demo --config recipes/demo.yaml sft.max_steps=40
+    rlhf rl --algo grpo --run runs/demo
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m rlhf ppo --run runs/demo
 
 Every stage takes ``--config FILE.yaml`` and trailing ``section.field=value`` overrides (a bare
@@ -52,9 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(reward)
     reward.add_argument("--sources", help="comma list of ratings,clicks,labels,simulator")
 
-    ppo = sub.add_parser("ppo", help="PPO with LoRA against the composite reward (TRL PPOTrainer)")
+    ppo = sub.add_parser("ppo", help="PPO with LoRA against the composite reward (TRL PPOTrainer); = rl --algo ppo")
     _common(ppo)
     ppo.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+
+    rl = sub.add_parser("rl", help="the RL stage with ppo.algorithm: PPO, or critic-free GRPO / RLOO (TRL)")
+    _common(rl)
+    rl.add_argument("--algo", choices=["ppo", "grpo", "rloo"], help="sets ppo.algorithm (default: the config's, ppo)")
+    rl.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
 
     ev = sub.add_parser("eval", help="evaluate stages and baselines on held-out users")
     _common(ev)
@@ -145,6 +151,7 @@ def _flag_overrides(args) -> list[str]:
         "protocol": "data.protocol",
         "seed": "data.seed",
         "sources": "reward.sources",
+        "algo": "ppo.algorithm",
         "split": "eval.split",
         "stages": "eval.stages",
         "label_stages": "label.stages",
@@ -162,6 +169,8 @@ def _flag_overrides(args) -> list[str]:
     out = [f"{key}={getattr(args, attr)}" for attr, key in fields.items() if getattr(args, attr, None) is not None]
     if args.model:
         out.append(f"model.name={args.model}")
+    if args.command == "ppo":  # `rlhf ppo` runs PPO whatever algorithm the run's config last named
+        out.append("ppo.algorithm=ppo")
     return out
 
 
@@ -173,9 +182,15 @@ def _load(args):
     from rlhf.precision import check_hardware
     from rlhf.runs import RunDir
 
-    section = {"data": "data", "sft": "sft", "reward": "reward", "ppo": "ppo", "eval": "eval", "label": "label"}.get(
-        args.command
-    )
+    section = {
+        "data": "data",
+        "sft": "sft",
+        "reward": "reward",
+        "ppo": "ppo",
+        "rl": "ppo",
+        "eval": "eval",
+        "label": "label",
+    }.get(args.command)
     overrides = [*args.overrides, *_flag_overrides(args)]
     run = RunDir(args.run or load_config(args.config, overrides, default_section=section).run.path)
     later = args.command not in ("data", "pipeline")
@@ -209,10 +224,10 @@ def dispatch(args) -> int:
         from reward_models.train import run_reward
 
         run_reward(cfg, run_dir)
-    elif cmd == "ppo":
-        from rlhf.ppo import run_ppo
+    elif cmd in ("ppo", "rl"):
+        from rlhf.rl import run_rl
 
-        run_ppo(cfg, run_dir, resume=args.resume)
+        run_rl(cfg, run_dir, resume=args.resume)
     elif cmd == "eval":
         from rlhf.evaluate import run_eval
 

@@ -240,28 +240,42 @@ def _reward_weights(given: dict, where: str) -> dict:
 
 @dataclass
 class PPOStageConfig:
-    """PPO against the composite reward. Differs from TRL's PPOConfig: the value model is the reward model with a
-    LoRA adapter, old log-probabilities come from a training-like forward, and rollouts sample a merged copy."""
+    """The RL stage against the composite reward: PPO (default), or GRPO / RLOO (``algorithm``; rlhf/rl.py), which
+    read the same fields where they mean the same thing. Differs from TRL's PPOConfig: the value model is the reward
+    model with a LoRA adapter, old log-probabilities come from a training-like forward, and rollouts sample a merged
+    copy. Differs from TRL's GRPOConfig / RLOOConfig: the KL penalty is on (``kl_coef``; GRPO's default beta is 0)
+    and an update is one generation batch of ``batch_size`` completions, like PPO's."""
 
+    algorithm: str = _f(
+        "ppo",
+        "ppo (a value model: GAE advantages) | grpo | rloo (critic-free: num_generations listings per user, each "
+        "user's own baseline: GRPO the group mean / std, RLOO the mean of the other listings)",
+    )
+    num_generations: int = _f(
+        4, "grpo / rloo: listings sampled per user prompt and compared with each other; batch_size / this = users"
+    )
+    max_seconds: float = _f(0.0, "stop after the update during which this many seconds of training passed (0 = none)")
     learning_rate: float = _f(1e-4, "policy/value learning rate")
     lr_scheduler: str = _f("linear", "linear (decays to 0 at the last update) | constant")
-    total_updates: int = _f(10, "PPO updates (each: generate a batch, score, optimise)")
-    batch_size: int = _f(8, "rollout batch per process")
+    total_updates: int = _f(10, "updates (each: generate a batch, score, optimise)")
+    batch_size: int = _f(8, "completions sampled per update and process")
     mini_batches: int = _f(2, "mini-batches per PPO epoch")
-    ppo_epochs: int = _f(2, "optimisation passes over each batch")
+    ppo_epochs: int = _f(2, "optimisation passes over each batch (GRPO / RLOO: num_iterations)")
     response_length: int = _f(96, "max new tokens per response")
     temperature: float = _f(0.8, "sampling temperature")
-    kl_coef: float = _f(0.05, "KL penalty coefficient")
-    kl_estimator: str = _f("k1", "k1 | k3")
-    missing_eos_penalty: float = _f(1.0, "subtracted from the score of responses that do not end")
-    cliprange: float = _f(0.2, "policy ratio clip")
-    cliprange_value: float = _f(0.2, "value clip")
-    vf_coef: float = _f(0.1, "value loss weight")
-    whiten_rewards: bool = _f(False, "whiten rewards per batch")
-    gamma: float = _f(1.0, "discount over response tokens")
+    kl_coef: float = _f(0.05, "KL penalty coefficient towards the SFT model (GRPO / RLOO: beta)")
+    kl_estimator: str = _f("k1", "ppo: k1 | k3 (GRPO: k3 in the loss; RLOO: k1 in the reward, as TRL has them)")
+    missing_eos_penalty: float = _f(
+        1.0, "subtracted from the reward of a response that does not end within response_length"
+    )
+    cliprange: float = _f(0.2, "policy ratio clip (GRPO / RLOO: epsilon)")
+    cliprange_value: float = _f(0.2, "ppo: value clip")
+    vf_coef: float = _f(0.1, "ppo: value loss weight")
+    whiten_rewards: bool = _f(False, "ppo: whiten rewards per batch")
+    gamma: float = _f(1.0, "ppo: discount over response tokens")
     lam: float = _f(
         0.95,
-        "GAE lambda: below 1 the final score reaches a token ~lam^(tokens to the end) weak, "
+        "ppo: GAE lambda: below 1 the final score reaches a token ~lam^(tokens to the end) weak, "
         "so early lines of a long response learn mostly from the value model",
     )
     reward_weights: dict = _f(
@@ -271,12 +285,12 @@ class PPOStageConfig:
     )
     value_layers: int = _f(
         0,
-        "value model = the reward model's first N decoder layers + its head (0 = all); "
+        "ppo: value model = the reward model's first N decoder layers + its head (0 = all); "
         "fewer layers make PPO's optimisation much cheaper on CPU",
     )
     checkpoint_every: int = _f(2, "save a resumable checkpoint every N updates")
     sample_every: int = _f(2, "log a table of sample completions every N updates")
-    max_prompts: int = _f(0, "cap on PPO prompts (0 = all)")
+    max_prompts: int = _f(0, "cap on RL prompts (0 = all)")
     merged_rollouts: bool = _f(
         True,
         "sample rollouts from a copy of the policy with its LoRA adapter merged, refreshed every update (one more "
@@ -289,12 +303,21 @@ class PPOStageConfig:
     )
     rollout_logprobs: str = _f(
         "training",
-        "where the old log-probabilities in PPO's ratio come from: training = a forward pass like the optimisation's "
-        "(ratio 1 at the first step in any dtype) | sampler = the sampler's own scores (TRL's default)",
+        "ppo: where the old log-probabilities in its ratio come from: training = a forward pass like the "
+        "optimisation's (ratio 1 at the first step in any dtype; GRPO / RLOO always) | sampler = the sampler's own "
+        "scores (TRL's default)",
     )
 
     def __post_init__(self):
         self.reward_weights = _reward_weights(self.reward_weights, "ppo.reward_weights")
+        _choice("ppo.algorithm", self.algorithm, ("ppo", "grpo", "rloo"))
+        if self.algorithm != "ppo" and (self.num_generations < 2 or self.batch_size % self.num_generations):
+            raise ConfigError(
+                f"ppo.algorithm={self.algorithm} compares ppo.num_generations >= 2 listings per user: "
+                f"ppo.batch_size ({self.batch_size}) must be a multiple of it (got {self.num_generations})"
+            )
+        if self.max_seconds < 0:
+            raise ConfigError("ppo.max_seconds must be >= 0 (0 = no time limit)")
         _choice("ppo.rollout_logprobs", self.rollout_logprobs, ("training", "sampler"))
         _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k3"))
         _choice("ppo.lr_scheduler", self.lr_scheduler, ("linear", "constant"))

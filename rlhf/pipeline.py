@@ -1,8 +1,8 @@
 """`rlhf pipeline`: data -> sft -> reward -> ppo -> eval, each stage in its own process.
 
 Stages whose outputs are complete are skipped, so running the command again resumes: an interrupted
-PPO stage continues from its last checkpoint (``--resume``). The run directory is the only thing the
-stages share.
+RL stage (``rlhf rl``: PPO, GRPO or RLOO, as ``ppo.algorithm`` says) continues from its last checkpoint
+(``--resume``). The run directory is the only thing the stages share.
 """
 
 from __future__ import annotations
@@ -21,13 +21,9 @@ STAGES = ("data", "sft", "reward", "ppo", "eval")
 
 
 def stage_command(stage: str, run_dir: Path, config: str | None, overrides: list[str]) -> list[str]:
-    head = [
-        sys.executable,
-        "-m",
-        "rlhf",
-        *(["data", "prepare", "--out"] if stage == "data" else [stage, "--run"]),
-        str(run_dir),
-    ]
+    # the RL stage runs `rlhf rl`: the algorithm the config names (ppo.algorithm), into the stage's folder ppo/
+    command = {"data": ["data", "prepare", "--out"], "ppo": ["rl", "--run"]}.get(stage, [stage, "--run"])
+    head = [sys.executable, "-m", "rlhf", *command, str(run_dir)]
     if config:
         head += ["--config", config]
     if stage == "ppo":

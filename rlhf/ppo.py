@@ -36,7 +36,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
     from reward_models.encoding import prompt_ids
     from rlhf.models import load_causal_lm, load_tokenizer, lora_config
-    from rlhf.ppo_trainer import RecPPOTrainer
+    from rlhf.ppo_trainer import BudgetSpent, RecPPOTrainer
     from rlhf.precision import base_dtype, resolve
     from rlhf.rollout import PPOPolicy
     from rlhf.tracking import Tracker, TrackerCallback
@@ -51,7 +51,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         print(f"ppo: --resume found no complete checkpoint under {run.ppo.checkpoints}; starting from update 0")
     done = json.loads((resume_from / "state.json").read_text())["update"] if resume_from else 0
     if state.is_main_process:
-        _prepare_output(run.ppo, resume_from, done)
+        prepare_output(run.ppo, resume_from, done)
         save_resolved(cfg, run, ["ppo", "track"])
     state.wait_for_everyone()
     if done >= ppo_cfg.total_updates:
@@ -94,9 +94,12 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     trainer.add_callback(TrackerCallback(tracker))  # every update's metrics, as ppo/metrics.jsonl has them
     if resume_from:
         print(f"ppo: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
-    t0 = time.time()
-    trainer.train()
-    summary = _finish(trainer, run, cfg, tokenizer, reward.composite, done, time.time() - t0, dtype)
+    t0, stopped = time.time(), False
+    try:
+        trainer.train()
+    except BudgetSpent:
+        stopped = True
+    summary = _finish(trainer, run, cfg, tokenizer, reward.composite, done, time.time() - t0, dtype, stopped)
     if summary:
         tracker.finish(summary)
     return summary
@@ -164,7 +167,9 @@ def _trl_config(cfg: Config, run: RunDir, done: int, processes: int):
     )
 
 
-def _finish(trainer, run: RunDir, cfg: Config, tokenizer, composite, done: int, seconds: float, dtype: str) -> dict:
+def _finish(
+    trainer, run: RunDir, cfg: Config, tokenizer, composite, done: int, seconds: float, dtype: str, stopped: bool
+) -> dict:
     """Adapter, samples and ppo/summary.json (written last: the stage's done marker), by the main process only
     (TRL 1.12 fails saving on another rank)."""
     trainer.accelerator.wait_for_everyone()
@@ -173,9 +178,13 @@ def _finish(trainer, run: RunDir, cfg: Config, tokenizer, composite, done: int, 
     policy = trainer.policy_module
     policy.save_pretrained(run.ppo.adapter)
     tokenizer.save_pretrained(run.ppo.adapter)
-    _write_samples(policy, tokenizer, run, composite, cfg.ppo)
+    write_samples(policy, tokenizer, run, composite, cfg.ppo)
+    updates = done + trainer.state.global_step
     summary = {
-        "updates": cfg.ppo.total_updates,
+        "algorithm": "ppo",
+        "updates": updates,
+        "total_updates": cfg.ppo.total_updates,
+        "stopped_by_time": stopped,
         "resumed_at": done or None,
         "seconds": round(seconds, 1),
         "processes": trainer.accelerator.num_processes,
@@ -185,10 +194,7 @@ def _finish(trainer, run: RunDir, cfg: Config, tokenizer, composite, done: int, 
         "reward_weights": cfg.ppo.reward_weights,
     }
     run.ppo.summary.write_text(json.dumps(summary, indent=2))
-    print(
-        f"ppo: {cfg.ppo.total_updates - done} updates in {seconds:.0f}s (total {cfg.ppo.total_updates}); "
-        f"wrote {run.ppo.adapter}"
-    )
+    print(f"ppo: {updates - done} updates in {seconds:.0f}s (now {updates}); wrote {run.ppo.adapter}")
     return summary
 
 
@@ -198,7 +204,7 @@ def _context(row: dict):
     return PromptContext.from_row(row)
 
 
-def _prepare_output(out, resume_from: Path | None, done: int) -> None:
+def prepare_output(out, resume_from: Path | None, done: int) -> None:
     """A fresh run replaces an earlier run's metrics and checkpoints; a resumed one drops the lines logged after
     its checkpoint (they belong to lost work)."""
     if not resume_from and out.dir.exists():
@@ -240,7 +246,7 @@ def _input_in_weight_dtype(module, args):
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
-def _write_samples(policy, tokenizer, run: RunDir, composite, ppo_cfg) -> None:
+def write_samples(policy, tokenizer, run: RunDir, composite, ppo_cfg) -> None:
     """Greedy completions for a few validation users with their reward terms: read them."""
     from rlhf.generation import generate
 

@@ -12,6 +12,8 @@ sampled and scored as rlhf/rollout.py describes. TRL 1.12 fixes, each made once 
 3. QLoRA under bf16: TRL's casting leaves a 4-bit policy's head in bf16 and its norms in fp32, and rollouts run
    outside autocast, so ``generate`` failed at lm_head (``models.head_in_fp32``).
 4. The learning-rate schedule spans the whole run, also when a resumed process does only the remaining updates.
+5. TRL's loop never reads ``control.should_training_stop``: ``ppo.max_seconds`` ends it by raising ``BudgetSpent``
+   after the update's checkpoint.
 """
 
 from __future__ import annotations
@@ -27,23 +29,35 @@ from transformers import TrainerCallback, get_scheduler
 from trl.experimental.ppo import PPOTrainer
 
 from rlhf import checkpoint
+from rlhf.budget import TimeBudget
 from rlhf.models import gpu_peak_gb, head_in_fp32
 from rlhf.rollout import PPOPolicy
 
 ROLLOUT_SAMPLES_PER_UPDATE = 4
 
 
+class BudgetSpent(Exception):
+    """Raised after the update during which ``ppo.max_seconds`` ran out (TRL fix 5)."""
+
+
 class CheckpointEvery(TrainerCallback):
-    """Saves a resume record every ``ppo.checkpoint_every`` updates and after the last one."""
+    """Saves a resume record every ``ppo.checkpoint_every`` updates, after the last one and when the time budget is
+    spent (then ends training: TRL fix 5)."""
 
     def __init__(self, trainer: RecPPOTrainer):
-        self.trainer = trainer
+        self.trainer, self.budget = trainer, TimeBudget(trainer.stage_cfg.max_seconds)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.budget.restart()
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         update = t.update_offset + state.global_step
-        if update % t.stage_cfg.checkpoint_every == 0 or update == t.total_updates:
+        spent = self.budget.spent(t.accelerator)
+        if update % t.stage_cfg.checkpoint_every == 0 or update == t.total_updates or spent:
             checkpoint.save(t, t.out.checkpoints, update, t.total_updates)
+        if spent and update < t.total_updates:
+            raise BudgetSpent(update)
         return control
 
 

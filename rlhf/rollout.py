@@ -16,6 +16,9 @@ With ``constraints`` (rlhf/constrained.py) the policy is the constrained one eve
 positions to the prompt's allowed titles, and every full forward of the policy (the recomputed old log-probs, the
 reference pass with the adapter off, the optimisation) masks the same positions, so PPO's ratio and KL are those of
 one distribution.
+
+GRPO and RLOO (rlhf/rl.py) already take old log-probabilities from a training forward; their ``SampledPolicy``
+only samples from the merged copy.
 """
 
 from __future__ import annotations
@@ -140,3 +143,21 @@ class PPOPolicy(PeftModelForCausalLM):
             "sampler_ratio_outside_clip": float(((ratio - 1).abs() > self.cliprange).double().mean()),
             "sampler_approxkl": float(0.5 * (ratio.log() ** 2).mean()),
         }
+
+
+class SampledPolicy(PeftModelForCausalLM):
+    """The GRPO / RLOO policy: LoRA on the SFT model whose ``generate`` samples from a merged copy of itself
+    (``MergedCopy``, refreshed from the live adapter at each call) once ``use_merged_copy`` has run. TRL's GRPO and
+    RLOO take their old log-probabilities from a training forward, so only sampling moves to the copy."""
+
+    merged_copy: MergedCopy | None = None
+
+    def use_merged_copy(self) -> None:
+        self.merged_copy = MergedCopy(self)
+
+    def generate(self, *args, **kwargs):
+        if self.merged_copy is None:
+            return super().generate(*args, **kwargs)
+        self.merged_copy.refresh()
+        self.merged_copy.model.generation_config = self.generation_config
+        return self.merged_copy.model.generate(*args, **kwargs)

@@ -5,7 +5,8 @@
       data/                 catalog, interactions, splits, meta, summary, sft/, pairs/, prompts/
       sft/                  adapter/, merged/, samples.jsonl, metrics.json, log.jsonl
       reward/               model/, adapter/, metrics.json, log.jsonl
-      ppo/                  adapter/, checkpoints/, metrics.jsonl, rollouts.jsonl, samples.jsonl, summary.json
+      ppo/                  adapter/, checkpoints/ (PPO), trainer/checkpoint-N/ (GRPO, RLOO), metrics.jsonl,
+                            rollouts.jsonl, samples.jsonl, summary.json (any RL algorithm: rlhf/rl.py)
       eval/                 metrics.json, listings.jsonl, report.md, report.html, plots/
       labels/round-NNN/     batch.jsonl, provenance.jsonl, manifest.json, judgments.jsonl, pairs.parquet, summary.json
       logs/                 tensorboard/<stage>/, trackio/ (its local store), wandb/ (offline runs): track.report_to

@@ -17,6 +17,7 @@ def test_every_command_reaches_its_own_stage(tmp_path, capfd):
         (["sft", "--run", run], "data/sft/train.parquet is missing; make it with: rlhf data prepare"),
         (["reward", "--run", run], "data/pairs is missing; make it with: rlhf data prepare"),
         (["ppo", "--run", run], "sft/merged is missing; make it with: rlhf sft --run"),
+        (["rl", "--run", run, "--algo", "grpo"], "sft/merged is missing; make it with: rlhf sft --run"),
         (["eval", "--run", run], "data/meta.json is missing; make it with: rlhf data prepare"),
         (["recommend", "--run", run, "--history", "Alien"], "data/meta.json is missing"),
         (["label", "export", "--run", run, "--round", "2"], "data/catalog.jsonl is missing"),
