@@ -3,7 +3,7 @@ from conftest import TINY, rlhf
 
 from rlhf.cli import build_parser, main
 
-COMMANDS = ("data", "sft", "reward", "ppo", "eval", "recommend", "label", "export", "pipeline", "status")
+COMMANDS = ("data", "sft", "reward", "ppo", "rl", "eval", "recommend", "label", "export", "pipeline", "status")
 
 
 def test_every_command_reaches_its_own_stage(tmp_path, capfd):
