@@ -141,9 +141,11 @@ class TitleProcessor(LogitsProcessor):
 
 def mask_logits(logits: torch.Tensor, input_ids: torch.Tensor, starts: list, allowed: list, rule: ListingRule):
     """Full-sequence masking: for each row with an ``Allowed``, every position that predicts a response token (the
-    response starts at ``starts[row]``) keeps only the allowed tokens. Returns a new tensor (autograd-safe)."""
+    response starts at ``starts[row]``) keeps only the allowed tokens. ``logits`` may hold only the last positions
+    (a trainer's ``logits_to_keep``). Returns a new tensor (autograd-safe)."""
     mask = None
     ids = input_ids.tolist()
+    offset = input_ids.shape[1] - logits.shape[1]
     for row, (start, titles) in enumerate(zip(starts, allowed)):
         if titles is None or start is None:
             continue
@@ -151,10 +153,12 @@ def mask_logits(logits: torch.Tensor, input_ids: torch.Tensor, starts: list, all
             tokens = rule.allowed(ids[row][start:u], titles)
             if tokens is None:
                 continue
+            if u - 1 < offset:
+                continue
             if mask is None:
                 mask = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device)
-            mask[row, u - 1] = MASKED
-            mask[row, u - 1, tokens] = 0.0
+            mask[row, u - 1 - offset] = MASKED
+            mask[row, u - 1 - offset, tokens] = 0.0
     return logits if mask is None else logits + mask
 
 

@@ -49,6 +49,7 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     from rlhf.models import load_tokenizer
     from rlhf.ppo import prepare_output
     from rlhf.precision import resolve
+    from rlhf.tracking import Tracker, TrackerCallback
 
     run, ppo_cfg, algo = RunDir(run_dir), cfg.ppo, cfg.ppo.algorithm
     if not cfg.model.use_lora:
@@ -64,7 +65,7 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if state.is_main_process:
         prepare_output(out, resume_from, done)
         _drop_unfinished(out.trainer)
-        save_resolved(cfg, run, ["ppo"])
+        save_resolved(cfg, run, ["ppo", "track"])
     state.wait_for_everyone()
     if done >= ppo_cfg.total_updates and out.adapter.exists():
         print(f"{algo}: {done} of {ppo_cfg.total_updates} updates already done")
@@ -81,6 +82,8 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             "(ppo.batch_size / ppo.num_generations)"
         )
     trainer = _trainer(cfg, run, sft_path, tokenizer, rows, dtype)
+    tracker = Tracker(cfg, run, "ppo", resume=resume_from is not None, main_process=state.is_main_process)
+    trainer.add_callback(TrackerCallback(tracker))
     if resume_from:
         print(f"{algo}: resuming from {resume_from.name} ({done} of {ppo_cfg.total_updates} updates done)")
     t0 = time.time()
@@ -92,6 +95,7 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     summary = _save(trainer, tokenizer, run, cfg, dtype)
     summary.update(resumed_at=done or None, seconds=round(seconds, 1))
     out.summary.write_text(json.dumps(summary, indent=2))
+    tracker.finish(summary)
     print(
         f"{algo}: {summary['updates'] - done} updates in {seconds:.0f}s (now {summary['updates']}); wrote {out.adapter}"
     )
@@ -117,8 +121,16 @@ def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dic
         truth=listing_truth(run.catalog(), run.meta()),
     )
     steps_per_update = p.mini_batches * p.ppo_epochs
+    policy = _policy(sft_path, cfg.model, tokenizer.pad_token_id)
+    if p.constrained:  # as PPO's: sampling and every policy forward restricted to each prompt's allowed titles
+        from reward_models.encoding import prompt_ids
+        from rlhf.constrained import PromptConstraints
+
+        allowed = policy.constraints = PromptConstraints(tokenizer, run.catalog())
+        for r in rows:
+            allowed.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"])
     return (RecGRPOTrainer if p.algorithm == "grpo" else RecRLOOTrainer)(
-        model=_policy(sft_path, cfg.model, tokenizer.pad_token_id),
+        model=policy,
         reward_funcs=[reward],
         args=_trainer_args(cfg, run.ppo, steps_per_update),
         train_dataset=Dataset.from_list([{"prompt": r["prompt"], "row": i} for i, r in enumerate(rows)]),

@@ -54,23 +54,14 @@ class MergedCopy:
             linear.weight.copy_((base.float() + delta.float()).to(linear.weight.dtype))
 
 
-class PPOPolicy(PeftModelForCausalLM):
-    """The PPO policy: LoRA on the SFT model. Its ``generate`` is TRL's rollout sampler when asked for scores
-    (``output_scores=True``, which only TRL's rollout does); every other call is PEFT's own."""
+class SamplingPolicy(PeftModelForCausalLM):
+    """A LoRA policy that samples from a merged copy of itself (``merged_copy``, refreshed from the live adapter at
+    each call) and, with ``constraints``, is the constrained policy everywhere: sampling masks item positions to
+    each prompt's allowed titles, and every full forward (old log-probs, reference, optimisation) masks the same."""
 
-    rollout_autocast = None  # set by setup_rollouts: the trainer's autocast context factory
     merged_copy: MergedCopy | None = None
-    logprobs_from = "training"  # or "sampler": TRL's default, the sampler's own scores
-    cliprange = 0.2
-    generation_seconds = 0.0  # time spent sampling rollouts, for the trainer's per-phase timing
     constraints = None  # rlhf.constrained.PromptConstraints: the titles each prompt's listing may use
     _generating = False
-
-    def setup_rollouts(self, autocast, merged: bool, logprobs_from="training", cliprange=0.2, constraints=None):
-        self.rollout_autocast = autocast or nullcontext
-        self.merged_copy = MergedCopy(self) if merged else None
-        self.logprobs_from, self.cliprange, self.constraints = logprobs_from, cliprange, constraints
-        self._gaps: list[torch.Tensor] = []
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
@@ -93,6 +84,22 @@ class PPOPolicy(PeftModelForCausalLM):
             return super().generate(*args, **kwargs)
         finally:
             self._generating = False
+
+
+class PPOPolicy(SamplingPolicy):
+    """The PPO policy: LoRA on the SFT model. Its ``generate`` is TRL's rollout sampler when asked for scores
+    (``output_scores=True``, which only TRL's rollout does); every other call is PEFT's own."""
+
+    rollout_autocast = None  # set by setup_rollouts: the trainer's autocast context factory
+    logprobs_from = "training"  # or "sampler": TRL's default, the sampler's own scores
+    cliprange = 0.2
+    generation_seconds = 0.0  # time spent sampling rollouts, for the trainer's per-phase timing
+
+    def setup_rollouts(self, autocast, merged: bool, logprobs_from="training", cliprange=0.2, constraints=None):
+        self.rollout_autocast = autocast or nullcontext
+        self.merged_copy = MergedCopy(self) if merged else None
+        self.logprobs_from, self.cliprange, self.constraints = logprobs_from, cliprange, constraints
+        self._gaps: list[torch.Tensor] = []
 
     def generate(self, *args, **kwargs):
         if not kwargs.get("output_scores") or self.rollout_autocast is None:
@@ -145,19 +152,14 @@ class PPOPolicy(PeftModelForCausalLM):
         }
 
 
-class SampledPolicy(PeftModelForCausalLM):
-    """The GRPO / RLOO policy: LoRA on the SFT model whose ``generate`` samples from a merged copy of itself
-    (``MergedCopy``, refreshed from the live adapter at each call) once ``use_merged_copy`` has run. TRL's GRPO and
-    RLOO take their old log-probabilities from a training forward, so only sampling moves to the copy."""
-
-    merged_copy: MergedCopy | None = None
+class SampledPolicy(SamplingPolicy):
+    """The GRPO / RLOO policy: TRL's GRPO and RLOO take their old log-probabilities from a training forward, so
+    only sampling moves to the merged copy (once ``use_merged_copy`` has run) and the constraints' processor."""
 
     def use_merged_copy(self) -> None:
         self.merged_copy = MergedCopy(self)
 
     def generate(self, *args, **kwargs):
-        if self.merged_copy is None:
+        if self.merged_copy is None and self.constraints is None:
             return super().generate(*args, **kwargs)
-        self.merged_copy.refresh()
-        self.merged_copy.model.generation_config = self.generation_config
-        return self.merged_copy.model.generate(*args, **kwargs)
+        return self._sample(*args, **kwargs)
