@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import get_args
+
+from rlhf.config import Algorithm, HeldOut, Mode, Protocol, Retriever, Source, Stage
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
 
@@ -35,14 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     prep = dsub.add_parser("prepare", help="source -> catalog, interactions, splits, SFT examples, pairs, prompts")
     _common(prep, "--out")
-    prep.add_argument("--source", choices=["builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic"])
+    prep.add_argument("--source", choices=get_args(Source))
     prep.add_argument("--path", help="input folder or file (not for builtin)")
     prep.add_argument("--max-users", type=int)
     prep.add_argument("--min-history", type=int)
-    prep.add_argument("--mode", choices=["generate", "rerank"])
+    prep.add_argument("--mode", choices=get_args(Mode))
     prep.add_argument("--num-candidates", type=int)
-    prep.add_argument("--retriever", choices=["ease", "itemknn", "popularity", "random"])
-    prep.add_argument("--protocol", choices=["retrieved", "random"], help="rerank candidates (see data.protocol)")
+    prep.add_argument("--retriever", choices=get_args(Retriever))
+    prep.add_argument("--protocol", choices=get_args(Protocol), help="rerank candidates (see data.protocol)")
     prep.add_argument("--k", type=int)
     prep.add_argument("--seed", type=int)
 
@@ -59,19 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     rl = sub.add_parser("rl", help="the RL stage with ppo.algorithm: PPO, or critic-free GRPO / RLOO (TRL)")
     _common(rl)
-    rl.add_argument("--algo", choices=["ppo", "grpo", "rloo"], help="sets ppo.algorithm (default: the config's, ppo)")
+    rl.add_argument("--algo", choices=get_args(Algorithm), help="sets ppo.algorithm (default: the config's, ppo)")
     rl.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
 
     ev = sub.add_parser("eval", help="evaluate stages and baselines on held-out users")
     _common(ev)
     ev.add_argument("--stages", help="comma list of base,sft,ppo")
-    ev.add_argument("--split", choices=["test", "val"])
+    ev.add_argument("--split", choices=get_args(HeldOut))
     ev.add_argument("--max-users", type=int)
     ev.add_argument("--k", type=int, help="cut-off for accuracy metrics (default: the run's K)")
 
     rec = sub.add_parser("recommend", help="write a ranked, explained list for one user or history")
     _common(rec)
-    rec.add_argument("--stage", choices=["base", "sft", "ppo"], default="ppo")
+    rec.add_argument("--stage", choices=get_args(Stage), default="ppo")
     who = rec.add_mutually_exclusive_group(required=True)
     who.add_argument("--user", help="a user id from the run's data")
     who.add_argument("--history", help='titles separated by ";", e.g. "The Matrix; Alien (1979)"')

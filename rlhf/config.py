@@ -15,7 +15,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -33,6 +33,42 @@ def _f(default, help: str, **kw):
 def _choice(name: str, value, choices):
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+# the choices of every enumerated field, one Literal each: the config checks them and the CLI offers them
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Source = Literal["builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic"]
+SplitMethod = Literal["leave-last-out", "temporal"]
+Mode = Literal["generate", "rerank"]
+Protocol = Literal["retrieved", "random"]
+Retriever = Literal["ease", "itemknn", "popularity", "random"]
+RewardInit = Literal["auto", "sft", "base"]
+BehaviourName = Literal["itemknn", "ease", "popularity", "none"]
+PairSource = Literal["ratings", "clicks", "simulator", "labels"]
+Algorithm = Literal["ppo", "grpo", "rloo"]
+Scheduler = Literal["linear", "constant"]
+KLEstimator = Literal["k1", "k3"]
+LogprobSource = Literal["training", "sampler"]
+HeldOut = Literal["test", "val"]
+Stage = Literal["base", "sft", "ppo"]
+
+
+def check_choices(section_obj, section: str) -> None:
+    """Every field typed with a Literal (or a list of one) holds only its choices; the message names the field."""
+    hints = typing.get_type_hints(type(section_obj))
+    for f in dataclasses.fields(section_obj):
+        tp, value = hints[f.name], getattr(section_obj, f.name)
+        if typing.get_origin(tp) is Literal:
+            _choice(f"{section}.{f.name}", value, typing.get_args(tp))
+        elif (
+            typing.get_origin(tp) is list
+            and typing.get_args(tp)
+            and typing.get_origin(typing.get_args(tp)[0]) is Literal
+        ):
+            choices = typing.get_args(typing.get_args(tp)[0])
+            bad = sorted(set(value) - set(choices))
+            if bad:
+                raise ConfigError(f"{section}.{f.name} has unknown {bad}; use {', '.join(choices)}")
 
 
 @dataclass
@@ -53,7 +89,7 @@ class ModelConfig:
     """The base model and how adapters sit on it."""
 
     name: str = _f("smollm2-135m", "'smollm2-135m', 'tiny', a local directory or a hub id")
-    dtype: str = _f(
+    dtype: Dtype = _f(
         "auto",
         "compute dtype: auto (bfloat16 on a CUDA GPU with bf16 or a CPU with AMX / AVX-512 BF16, else float32) "
         "| float32 | bfloat16 | float16 (for CUDA); trained weights stay float32 (rlhf/precision.py)",
@@ -68,7 +104,7 @@ class ModelConfig:
     load_in_4bit: bool = _f(False, "QLoRA: load the frozen base in 4-bit with bitsandbytes (needs CUDA)")
 
     def __post_init__(self):
-        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_choices(self, "model")
         if self.lora_r < 1:
             raise ConfigError(f"model.lora_r must be >= 1, got {self.lora_r}")
         if self.load_in_4bit and not self.use_lora:
@@ -79,7 +115,7 @@ class ModelConfig:
 class DataConfig:
     """What `rlhf data prepare` reads and how it builds the stage datasets."""
 
-    source: str = _f("builtin", "builtin | movielens-100k | movielens | goodbooks | amazon | generic")
+    source: Source = _f("builtin", "builtin | movielens-100k | movielens | goodbooks | amazon | generic")
     path: str = _f("", "input folder or file (not used by builtin)")
     meta_path: str = _f("", "amazon: metadata JSONL (default: meta*.jsonl beside the reviews)")
     catalog: str = _f("", "builtin: catalog JSONL (default: data/films.jsonl shipped with the project)")
@@ -92,13 +128,13 @@ class DataConfig:
     history_len: int = _f(10, "most recent items shown in a prompt")
     max_prompt_tokens: int = _f(320, "prompt token budget; the oldest history items are dropped to fit")
     cold_start_max: int = _f(5, "users with at most this many training interactions are marked cold-start")
-    split: str = _f("leave-last-out", "leave-last-out | temporal")
+    split: SplitMethod = _f("leave-last-out", "leave-last-out | temporal")
     val_fraction: float = _f(0.1, "share of users held out for validation")
     test_fraction: float = _f(0.2, "share of users held out for testing")
     holdout: int = _f(1, "leave-last-out: most recent interactions held out per user")
-    mode: str = _f("generate", "generate: write K titles; rerank: pick K from candidates")
+    mode: Mode = _f("generate", "generate: write K titles; rerank: pick K from candidates")
     num_candidates: int = _f(20, "rerank: candidates per prompt")
-    protocol: str = _f(
+    protocol: Protocol = _f(
         "retrieved",
         "rerank candidates: retrieved = the retriever's own top N (a held-out item it missed is a miss; LlamaRec) "
         "| random = the positive among N-1 random unseen items (LLaRA); training data is built the same way",
@@ -106,7 +142,7 @@ class DataConfig:
     windows: int = _f(
         4, "windows over each training user's history: SFT examples, RL prompts and rating pairs per user"
     )
-    retriever: str = _f("ease", "rerank: ease | itemknn | popularity | random")
+    retriever: Retriever = _f("ease", "rerank: ease | itemknn | popularity | random")
     k: int = _f(5, "items per listing")
     positive_rating: float = _f(4.0, "ratings at or above count as positives (explicit feedback)")
     # simulator (builtin)
@@ -118,15 +154,9 @@ class DataConfig:
     seed: int = _f(0, "data seed")
 
     def __post_init__(self):
-        _choice(
-            "data.source", self.source, ("builtin", "movielens-100k", "movielens", "goodbooks", "amazon", "generic")
-        )
-        _choice("data.mode", self.mode, ("generate", "rerank"))
-        _choice("data.protocol", self.protocol, ("retrieved", "random"))
+        check_choices(self, "data")
         if self.windows < 1:
             raise ConfigError(f"data.windows must be >= 1, got {self.windows}")
-        _choice("data.retriever", self.retriever, ("ease", "itemknn", "popularity", "random"))
-        _choice("data.split", self.split, ("leave-last-out", "temporal"))
         if self.source != "builtin" and not self.path:
             raise ConfigError(f"data.source={self.source} needs data.path (the folder or file to load)")
         if self.k < 1:
@@ -187,13 +217,13 @@ class SFTConfig(TrainCommon):
 class RewardConfig(TrainCommon):
     """Reward model on preference pairs. Differs from TRL's RewardConfig: LoRA with the score head saved."""
 
-    sources: list = _f(["ratings", "clicks", "simulator", "labels"], "pair sources to train on")
+    sources: list[PairSource] = _f(["ratings", "clicks", "simulator", "labels"], "pair sources to train on")
     layers: int = _f(
         0,
         "keep the first N decoder layers of the starting model (0 = all): a shallower reward "
         "model trains several times faster per step on CPU",
     )
-    init: str = _f("auto", "start from: sft (RUN_DIR/sft/merged), base (model.name), auto = sft when it exists")
+    init: RewardInit = _f("auto", "start from: sft (RUN_DIR/sft/merged), base (model.name), auto = sft when it exists")
     accuracy_on_train: int = _f(64, "training pairs also scored after training, to tell under- from over-fitting")
     balance: bool = _f(True, "cap every source at the size of the smallest non-empty one x balance_ratio")
     balance_ratio: float = _f(3.0, "with balance: a source may have at most this many times the smallest")
@@ -202,7 +232,7 @@ class RewardConfig(TrainCommon):
     use_margin: bool = _f(False, "use the pair's margin field in the loss")
     learning_rate: float = _f(3e-4, "peak learning rate")
     max_length: int = _f(448, "max tokens of prompt + response")
-    behaviour_model: str = _f(
+    behaviour_model: BehaviourName = _f(
         "itemknn",
         "the behaviour term's model, fit on the training interactions: itemknn | ease | popularity | none",
     )
@@ -214,13 +244,11 @@ class RewardConfig(TrainCommon):
 
     def __post_init__(self):
         self._check_common("reward")
-        _choice("reward.init", self.init, ("auto", "sft", "base"))
-        _choice("reward.behaviour_model", self.behaviour_model, ("itemknn", "ease", "popularity", "none"))
-        bad = set(self.sources) - {"ratings", "clicks", "simulator", "labels"}
-        if bad or not self.sources:
+        if not self.sources or set(self.sources) - set(typing.get_args(PairSource)):
             raise ConfigError(
-                f"reward.sources={self.sources} must name one or more of ratings, clicks, simulator, labels"
+                f"reward.sources={self.sources} must name one or more of {', '.join(typing.get_args(PairSource))}"
             )
+        check_choices(self, "reward")
 
 
 def _reward_weights(given: dict, where: str) -> dict:
@@ -246,7 +274,7 @@ class PPOStageConfig:
     copy. Differs from TRL's GRPOConfig / RLOOConfig: the KL penalty is on (``kl_coef``; GRPO's default beta is 0)
     and an update is one generation batch of ``batch_size`` completions, like PPO's."""
 
-    algorithm: str = _f(
+    algorithm: Algorithm = _f(
         "ppo",
         "ppo (a value model: GAE advantages) | grpo | rloo (critic-free: num_generations listings per user, each "
         "user's own baseline: GRPO the group mean / std, RLOO the mean of the other listings)",
@@ -256,7 +284,7 @@ class PPOStageConfig:
     )
     max_seconds: float = _f(0.0, "stop after the update during which this many seconds of training passed (0 = none)")
     learning_rate: float = _f(1e-4, "policy/value learning rate")
-    lr_scheduler: str = _f("linear", "linear (decays to 0 at the last update) | constant")
+    lr_scheduler: Scheduler = _f("linear", "linear (decays to 0 at the last update) | constant")
     total_updates: int = _f(10, "updates (each: generate a batch, score, optimise)")
     batch_size: int = _f(8, "completions sampled per update and process")
     mini_batches: int = _f(2, "mini-batches per PPO epoch")
@@ -264,7 +292,7 @@ class PPOStageConfig:
     response_length: int = _f(96, "max new tokens per response")
     temperature: float = _f(0.8, "sampling temperature")
     kl_coef: float = _f(0.05, "KL penalty coefficient towards the SFT model (GRPO / RLOO: beta)")
-    kl_estimator: str = _f("k1", "ppo: k1 | k3 (GRPO: k3 in the loss; RLOO: k1 in the reward, as TRL has them)")
+    kl_estimator: KLEstimator = _f("k1", "ppo: k1 | k3 (GRPO: k3 in the loss; RLOO: k1 in the reward, as TRL has them)")
     missing_eos_penalty: float = _f(
         1.0, "subtracted from the reward of a response that does not end within response_length"
     )
@@ -301,7 +329,7 @@ class PPOStageConfig:
         "rollouts may write only allowed titles at item positions (the prompt's candidates in rerank mode, the "
         "catalog otherwise), and every policy forward is masked the same way (rlhf/constrained.py)",
     )
-    rollout_logprobs: str = _f(
+    rollout_logprobs: LogprobSource = _f(
         "training",
         "ppo: where the old log-probabilities in its ratio come from: training = a forward pass like the "
         "optimisation's (ratio 1 at the first step in any dtype; GRPO / RLOO always) | sampler = the sampler's own "
@@ -310,7 +338,7 @@ class PPOStageConfig:
 
     def __post_init__(self):
         self.reward_weights = _reward_weights(self.reward_weights, "ppo.reward_weights")
-        _choice("ppo.algorithm", self.algorithm, ("ppo", "grpo", "rloo"))
+        check_choices(self, "ppo")
         if self.algorithm != "ppo" and (self.num_generations < 2 or self.batch_size % self.num_generations):
             raise ConfigError(
                 f"ppo.algorithm={self.algorithm} compares ppo.num_generations >= 2 listings per user: "
@@ -318,9 +346,6 @@ class PPOStageConfig:
             )
         if self.max_seconds < 0:
             raise ConfigError("ppo.max_seconds must be >= 0 (0 = no time limit)")
-        _choice("ppo.rollout_logprobs", self.rollout_logprobs, ("training", "sampler"))
-        _choice("ppo.kl_estimator", self.kl_estimator, ("k1", "k3"))
-        _choice("ppo.lr_scheduler", self.lr_scheduler, ("linear", "constant"))
         if self.batch_size % self.mini_batches:
             raise ConfigError(
                 f"ppo.batch_size ({self.batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})"
@@ -340,8 +365,8 @@ class PPOStageConfig:
 class EvalConfig:
     """Held-out evaluation of stages and baselines."""
 
-    stages: list = _f(["base", "sft", "ppo"], "stages to evaluate (those not trained are skipped with a note)")
-    split: str = _f("test", "test | val")
+    stages: list[Stage] = _f(["base", "sft", "ppo"], "stages to evaluate (those not trained are skipped with a note)")
+    split: HeldOut = _f("test", "test | val")
     max_users: int = _f(100, "held-out users evaluated (0 = all)")
     batch_size: int = _f(16, "generation batch")
     max_new_tokens: int = _f(128, "generation budget per listing")
@@ -350,20 +375,17 @@ class EvalConfig:
     num_examples: int = _f(4, "users whose listings appear in the report")
 
     def __post_init__(self):
-        _choice("eval.split", self.split, ("test", "val"))
-        bad = set(self.stages) - {"base", "sft", "ppo"}
-        if bad:
-            raise ConfigError(f"eval.stages has unknown {sorted(bad)}; use base, sft, ppo")
+        check_choices(self, "eval")
 
 
 @dataclass
 class LabelConfig:
     """Offline preference-labeling rounds: which prompts and candidates a batch holds, and the server."""
 
-    split: str = _f("val", "held-out users the prompts come from (val keeps the test users unseen)")
+    split: HeldOut = _f("val", "held-out users the prompts come from (val keeps the test users unseen)")
     prompts: int = _f(20, "prompts per round")
     candidates: int = _f(2, "candidate listings per prompt (2-4)")
-    stages: list = _f(["sft", "ppo"], "stages that write candidates, taken in turn (untrained ones skipped)")
+    stages: list[Stage] = _f(["sft", "ppo"], "stages that write candidates, taken in turn (untrained ones skipped)")
     temperature: float = _f(0.8, "sampling temperature for candidates")
     max_new_tokens: int = _f(112, "generation budget per candidate")
     host: str = _f("127.0.0.1", "address the labeling server binds")
@@ -373,12 +395,13 @@ class LabelConfig:
     noise: float = _f(1.0, "Bradley-Terry noise of simulated labelers (0 = always the better list)")
 
     def __post_init__(self):
-        _choice("label.split", self.split, ("test", "val"))
+        if not self.stages or set(self.stages) - set(typing.get_args(Stage)):
+            raise ConfigError(
+                f"label.stages={self.stages} must be a non-empty list of {', '.join(typing.get_args(Stage))}"
+            )
+        check_choices(self, "label")
         if not 2 <= self.candidates <= 4:
             raise ConfigError(f"label.candidates={self.candidates} must be 2, 3 or 4")
-        bad = set(self.stages) - {"base", "sft", "ppo"}
-        if bad or not self.stages:
-            raise ConfigError(f"label.stages={self.stages} must be a non-empty list of base, sft, ppo")
         if self.prompts < 1 or self.labelers < 1 or self.noise < 0:
             raise ConfigError("label.prompts and label.labelers must be >= 1, label.noise >= 0")
         if not 0 < self.port < 65536:
