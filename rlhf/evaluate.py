@@ -166,6 +166,9 @@ def _explanations(acc: dict, users: HeldOutUsers, row: dict, explanations: list[
 
 
 def baseline_lists(users: HeldOutUsers, k: int) -> dict[str, list[list]]:
+    """Each classic recommender's top K per user, fit on the training interactions. In rerank mode they pick from
+    the same candidates the LLM sees, and the same recommenders over the whole catalog are there too (``@catalog``),
+    beside the retriever's own order and a random order of the candidates."""
     from rlhf import baselines
 
     item_ids = [it.item_id for it in users.catalog.items]
@@ -178,6 +181,8 @@ def baseline_lists(users: HeldOutUsers, k: int) -> dict[str, list[list]]:
         out[name] = [
             model.recommend(r["history_ids"], k, candidates=r["candidate_ids"] if rerank else None) for r in users.rows
         ]
+        if rerank:
+            out[f"{name}@catalog"] = [model.recommend(r["history_ids"], k) for r in users.rows]
     if rerank:
         retr = baselines.make(users.meta["retriever"], item_ids, users.fit_pairs())
         out["retriever_order"] = [
