@@ -259,7 +259,7 @@ def dispatch(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from rlhf.config import ConfigError
-    from rlhf.interactions import DataError
+    from rlhf.data.loaders import DataError
     from rlhf.models import ModelError
     from rlhf.runs import MissingInput
 

@@ -35,7 +35,7 @@ class HeldOutUsers:
         rows = run.rows(run.data.prompts(split))
         self.rows = rows[:max_users] if max_users else rows
         if not self.rows:
-            from rlhf.interactions import DataError
+            from rlhf.data.loaders import DataError
 
             raise DataError(f"no held-out prompts in {run.data.prompts(split)}; try another --split")
         self.popularity, self.n_users = Counter(), 0

@@ -52,7 +52,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
     rows = run.rows(run.data.sft("train"))
     val_rows = run.rows(run.data.sft("val"))
     if not rows:
-        from rlhf.interactions import DataError
+        from rlhf.data.loaders import DataError
 
         raise DataError(
             f"{run.data.sft('train')} has no examples; users need at least K+2 interactions "

@@ -5,7 +5,7 @@ import pytest
 from conftest import SHARED, rlhf
 
 from rlhf.config import DataConfig
-from rlhf.interactions import DataError, SkipLog, load_source
+from rlhf.data.loaders import DataError, SkipLog, load_source
 
 ML_GENRES = "0|0|0|0|0|0|0|0|0|0|0|0|0|0|0|1|0|0|0"  # Sci-Fi flag on
 

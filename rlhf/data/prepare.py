@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from rlhf import baselines
 from rlhf.data import build
+from rlhf.data.loaders import DataError, SkipLog, load_source
 from rlhf.data.splits import CONSUMPTION, sequences, split_users, train_pairs
-from rlhf.interactions import DataError, SkipLog, load_source
 from rlhf.prompts import PromptBuilder
 from rlhf.runs import RunDir
 

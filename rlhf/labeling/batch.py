@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf.interactions import DataError
+from rlhf.data.loaders import DataError
 from rlhf.labeling import round_files
 from rlhf.runs import MissingInput, RunDir, atomic_write, round_name
 

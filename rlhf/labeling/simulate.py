@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf.interactions import DataError
+from rlhf.data.loaders import DataError
 from rlhf.labeling import round_files
 from rlhf.labeling.batch import Batch
 from rlhf.labeling.store import JudgmentError, JudgmentStore

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf.interactions import DataError
+from rlhf.data.loaders import DataError
 from rlhf.labeling.batch import SPECIAL, Batch
 from rlhf.runs import fsync_dir
 
