@@ -80,3 +80,19 @@ def test_grounding_exact_normalised_fuzzy_none(catalog):
         ]
     )
     assert cat.ground("Dune (2021)").item_id == "b" and cat.ground("Dune (1984)").item_id == "a"
+
+
+@pytest.mark.parametrize(
+    "line, title, why",
+    [
+        ('1. "Alien" (1979) — horror in space', "Alien (1979)", "horror in space"),
+        ("1. “Alien (1979)” — horror in space", "Alien (1979)", "horror in space"),
+        ('1. "Heat" — a crime epic', "Heat", "a crime epic"),
+        ("1. “Heat”", "Heat", ""),
+    ],
+)
+def test_quotes_around_a_title_are_not_part_of_it(catalog, line, title, why):
+    """A model may quote a title, with or without its year inside the quotes: the entry is the bare title and
+    the reason alone, and it grounds exactly."""
+    (entry,) = parse_and_ground(line, catalog)
+    assert (entry.title, entry.explanation, entry.method) == (title, why, "exact")
