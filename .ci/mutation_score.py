@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 failed = True
         score = 100.0 * killed / total if total else 0.0
         rest = total - len(equiv)
-        without = f"{killed}/{rest} {100.0 * killed / rest:5.1f}%" if equiv and rest else ""
+        without = f"{killed}/{rest} {100.0 * killed / rest:5.1f}%" if rest else ""
         print(f"{module:32} {f'{killed}/{total}':>15} {score:6.1f}%   {without:>19}")
         if args.survivors:
             for k in survivors:
