@@ -44,19 +44,27 @@ def render(titles: list[str], explanations: list[str]) -> str:
     return "\n".join(f"{i}. {t}{SEPARATOR}{e}" for i, (t, e) in enumerate(zip(titles, explanations), 1))
 
 
-_AFTER_YEAR = re.compile(r"^(.*?\(\d{4}\))\s*(?:[—–:]|-{1,2})?\s*(.*)$")
+# a closing quote may follow the year: “Alien (1979)” — why
+_AFTER_YEAR = re.compile(r"^(.*?\(\d{4}\))[\"”]?\s*(?:[—–:]|-{1,2})?\s*(.*)$")
+_QUOTED = re.compile(r'^["“]([^"“”]+)["”](\s*\(\d{4}\))?$')  # "Alien" (1979)
+
+
+def _unquote(title: str) -> str:
+    """The title without quotes around it, whether the year is inside them or not."""
+    m = _QUOTED.match(title.strip())
+    return m.group(1).strip() + (m.group(2) or "") if m else title.strip().strip('"“”')
 
 
 def _split_entry(body: str) -> tuple[str, str]:
     body = body.replace("**", "").replace("__", "").strip()
     m = _AFTER_YEAR.match(body)  # "Title (Year) — why": the year ends the title, colons and all
     if m:
-        return m.group(1).strip().strip('"“”'), m.group(2).strip()
+        return _unquote(m.group(1)), m.group(2).strip()
     for sep in _SEPARATORS:
         if sep in body:
             title, why = body.split(sep, 1)
-            return title.strip().strip('"“”'), why.strip()
-    return body.strip('"“” '), ""
+            return _unquote(title), why.strip()
+    return _unquote(body), ""
 
 
 def parse(text: str) -> list[Entry]:

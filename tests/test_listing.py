@@ -80,3 +80,40 @@ def test_grounding_exact_normalised_fuzzy_none(catalog):
         ]
     )
     assert cat.ground("Dune (2021)").item_id == "b" and cat.ground("Dune (1984)").item_id == "a"
+
+
+@pytest.mark.parametrize(
+    "line, title, why",
+    [
+        ('1. "Alien" (1979) — horror in space', "Alien (1979)", "horror in space"),
+        ("1. “Alien (1979)” — horror in space", "Alien (1979)", "horror in space"),
+        ('1. "Heat" — a crime epic', "Heat", "a crime epic"),
+        ("1. “Heat”", "Heat", ""),
+    ],
+)
+def test_quotes_around_a_title_are_not_part_of_it(catalog, line, title, why):
+    """A model may quote a title, with or without its year inside the quotes: the entry is the bare title and
+    the reason alone, and it grounds exactly."""
+    (entry,) = parse_and_ground(line, catalog)
+    assert (entry.title, entry.explanation, entry.method) == (title, why, "exact")
+
+
+@pytest.mark.parametrize(
+    "line, title, why",
+    [
+        ("1. __Alien__ (1979) — horror", "Alien (1979)", "horror"),  # underscore bold, like **
+        ("1. Heat - a crime epic - with De Niro", "Heat", "a crime epic - with De Niro"),  # the first separator splits
+        ("1. X-Men (2000) — mutants", "X-Men (2000)", "mutants"),  # titles may begin or end with any letter
+        ("1. Malcolm X — a biopic", "Malcolm X", "a biopic"),
+        ("1. Malcolm X", "Malcolm X", ""),
+    ],
+)
+def test_title_and_reason_split(line, title, why):
+    (entry,) = parse(line)
+    assert (entry.title, entry.explanation) == (title, why)
+
+
+def test_render_refuses_a_title_without_its_explanation():
+    with pytest.raises(ValueError) as e:
+        render(["Alien (1979)", "Heat (1995)"], ["horror"])
+    assert str(e.value) == "render needs one explanation per title"

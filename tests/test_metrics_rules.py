@@ -2,8 +2,8 @@ import math
 
 import pytest
 
-from reward_models.terms import DEFAULT_WEIGHTS, PromptContext, RewardEnv, rule_values
-from reward_models.terms.rules import explanation_tied, rating_claims
+from reward_models.terms import DEFAULT_WEIGHTS, TERMS, PromptContext, RewardEnv, rule_values
+from reward_models.terms.rules import explanation_tied, rating_claims, shown_pairs
 from rlhf import metrics as M
 from rlhf.catalog import Catalog
 from rlhf.listing import parse_and_ground
@@ -207,3 +207,121 @@ def test_bradley_terry_weights_follow_the_labels():
     w = fit_bradley_terry(x, l2=0.1)
     assert w[0] > w[1] > 0.3 and w[2] < 0.15 and w[3] == 0.0
     assert pairwise_accuracy(x, w) > 0.8 and pairwise_accuracy(x[:, [2]], np.ones(1)) < 0.6
+
+
+def test_an_empty_listing_scores_zero_on_every_rule(catalog):
+    """The rules' promise (reward_models/terms/rules.py): no entries, no reward and no penalty, whatever the
+    prompt showed (here a history, candidates and ratings) and with no prompt context at all."""
+    heat = _ids(catalog, "Heat")
+    rules = [name for name, spec in TERMS.items() if spec.rule is not None]
+    for ctx in (PromptContext(heat, heat, "u1", [(heat[0], 5.0)]), None):
+        assert rule_values([], ctx, RewardEnv(catalog, 3)) == dict.fromkeys(rules, 0.0)
+
+
+def test_rules_without_a_prompt_context(catalog):
+    """Without a context (no history, candidates or shown ratings), the rules that need one neither reward nor
+    penalise; the others score the listing as usual."""
+    entries = parse_and_ground("1. Heat (1995) — crime like Heat, which you rated 5/5\n2. Blorp Zorp — crime", catalog)
+    assert rule_values(entries, None, RewardEnv(catalog, 2)) == {
+        "parses": 1.0,
+        "has_k": 1.0,
+        "in_catalog": 0.5,
+        "no_duplicates": 0.0,
+        "not_in_history": 0.0,
+        "in_candidates": 0.0,
+        "explained": 0.0,
+        "misquoted": 0.0,
+    }
+
+
+def test_explanation_tie_skips_history_items_outside_the_catalog(catalog):
+    heat, alien = _ids(catalog, "Heat", "Alien")
+    assert explanation_tied("an epic like Heat", ["not-in-catalog", heat], catalog)
+    assert explanation_tied("more horror", ["not-in-catalog", heat, "gone", alien], catalog)  # Alien's genre
+    assert not explanation_tied("more horror", ["not-in-catalog"], catalog)
+
+
+def test_duplicates_are_the_same_item_or_the_same_made_up_title():
+    """Two remakes sharing a title are two items; two different made-up titles are no repeat; the same made-up
+    title written twice (any case) is."""
+    cat = Catalog.from_records(
+        [
+            {"item_id": "a", "title": "Dune", "attributes": {"year": 1984}},
+            {"item_id": "b", "title": "Dune", "attributes": {"year": 2021}},
+        ]
+    )
+    env, ctx = RewardEnv(cat, 2), PromptContext([])
+    remakes = parse_and_ground("1. Dune (1984) — x\n2. Dune (2021) — y", cat)
+    assert [e.item_id for e in remakes] == ["a", "b"]
+    assert rule_values(remakes, ctx, env)["no_duplicates"] == 0.0
+    assert rule_values(parse_and_ground("1. Blorp — x\n2. Zorp — y", cat), ctx, env)["no_duplicates"] == 0.0
+    assert rule_values(parse_and_ground("1. Blorp — x\n2. BLORP — y", cat), ctx, env)["no_duplicates"] == -0.5
+
+
+def test_a_rule_as_a_term_of_the_contract(catalog):
+    """TermSpec.build binds a rule to the run (catalog, K): called with a batch, it parses and grounds each
+    completion and scores it against that completion's own prompt context."""
+    heat, alien = _ids(catalog, "Heat", "Alien")
+    env = RewardEnv(catalog, 2)
+    term = TERMS["not_in_history"].build(env)
+    completions = ["1. Heat (1995) — x\n2. Alien (1979) — y", "1. Heat (1995) — x\n2. Alien (1979) — y", "no list"]
+    contexts = [PromptContext([heat]), PromptContext([heat, alien]), PromptContext([heat])]
+    assert term([[{"role": "user", "content": "p"}]] * 3, completions, contexts) == [-0.5, -1.0, 0.0]
+    assert TERMS["has_k"].build(RewardEnv(catalog, 4))([[]] * 2, completions[:2], contexts[:2]) == [0.5, 0.5]
+
+
+def test_shown_pairs_of_a_prompt_row():
+    row = {"shown": [{"item_id": "a", "rating": 5.0, "title": "A"}, {"item_id": "b", "rating": None}]}
+    assert shown_pairs(row) == [("a", 5.0), ("b", None)]
+    assert shown_pairs({"shown": []}) == []  # shown, none rated: claims are checked (all false)
+    assert shown_pairs({"shown": None}) is None and shown_pairs({"history_ids": ["a"]}) is None
+    assert PromptContext.from_row({"history_ids": ["a"], **row}).shown == [("a", 5.0), ("b", None)]
+
+
+def test_metrics_of_empty_and_unscoreable_lists():
+    """An empty list scores 0 everywhere (module docstring); with no held-out items there is nothing to recall."""
+    assert M.recall(["a"], set(), 3) == 0.0
+    assert M.duplicate_rate([]) == 0.0 and M.share([], {"a"}) == 0.0 and M.novelty([], {"a": 1}, 3) == 0.0
+    assert M.novelty([None], {"a": 1}, 3) == 0.0  # only titles outside the catalog
+    assert M.mean([]) is None and M.mean([None, None]) is None
+
+
+def test_share_novelty_and_mean_by_hand():
+    assert M.share(["a", "a", "a", None], {"a"}) == 0.75
+    # an item no training user had: p = (0 + 1) / (7 + 1); the mean over items, titles outside the catalog left out
+    assert M.novelty(["z"], {"a": 3}, 7) == pytest.approx(3.0)
+    assert M.novelty(["a", None, "z"], {"a": 3}, 7) == pytest.approx((1.0 + 3.0) / 2)
+    assert M.mean([1.0, None, 2.0]) == 1.5
+
+
+def test_intra_list_diversity_with_partial_and_missing_attributes():
+    feats = {"a": {"x", "y"}, "b": {"y", "z"}, "e": set()}
+    assert M.intra_list_diversity(["a", "b"], feats) == pytest.approx(1 - 1 / 3)  # Jaccard |{y}| / |{x, y, z}|
+    assert M.intra_list_diversity(["a", "unknown"], feats) == 1.0  # no attributes known: nothing shared
+    assert M.intra_list_diversity(["e", "unknown"], feats) == 1.0  # two empty sets share nothing either
+    assert M.intra_list_diversity(["a", "a", None, "b"], feats) == pytest.approx(2 / 3)  # repeats and None out
+
+
+def test_paired_difference_from_two_pairs_and_pearson_at_unit_spread():
+    d = M.paired_difference([1.0, 2.0], [0.0, 0.0])  # diffs 1, 2: mean 1.5, sample variance 0.5, se sqrt(0.5 / 2)
+    assert d == {"delta": 1.5, "se": pytest.approx(0.5), "n": 2}
+    assert M.pearson([0, 2, 0, 2], [0, 2, 0, 2]) == pytest.approx(1.0)  # a spread of exactly 1 is a spread
+
+
+def test_describe_eval_lines():
+    """The lines under the metrics table: one per stage of vs_sft with any difference, then the correlation
+    with true utility, 'n/a' where a side was constant."""
+    results = {
+        "vs_sft": {
+            "ppo": {"true_utility": {"delta": 0.1104, "se": 0.0191, "n": 80}, "ndcg@3": None},
+            "base": {"true_utility": None},  # no difference measured: no line
+            "grpo": {"ndcg@3": {"delta": -0.05, "se": 0.012, "n": 80}, "true_utility": {"delta": 0.0, "se": 0.0}},
+        },
+        "reward_vs_truth": {"reward": 0.5, "learned": None, "rules": -0.254, "n": 40},
+    }
+    assert M.describe_eval(results) == [
+        "ppo − sft: true_utility +0.110 ± 0.019 (same users, mean ± standard error)",
+        "grpo − sft: ndcg@3 -0.050 ± 0.012, true_utility +0.000 ± 0.000 (same users, mean ± standard error)",
+        "correlation with true utility over 40 LLM listings: reward +0.50, learned n/a, rules -0.25",
+    ]
+    assert M.describe_eval({}) == [] and M.describe_eval({"vs_sft": {}, "reward_vs_truth": None}) == []
