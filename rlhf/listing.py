@@ -83,8 +83,15 @@ def parse(text: str) -> list[Entry]:
 def ground(entries: list[Entry], catalog: Catalog) -> list[GroundedEntry]:
     out = []
     for e in entries:
-        g: Grounding = catalog.ground(e.title)
-        out.append(GroundedEntry(e.rank, e.title, e.explanation, g.item_id, g.method))
+        title, why = e.title, e.explanation
+        g: Grounding = catalog.ground(title)
+        if g.item_id is None and why:
+            # a colon may belong to the title ("2001: A Space Odyssey" written without its year): when the line
+            # split at it grounds exactly as a whole, the whole is the title
+            whole = catalog.ground(f"{title}: {why}")
+            if whole.item_id is not None and whole.method != "fuzzy":
+                title, why, g = f"{title}: {why}", "", whole
+        out.append(GroundedEntry(e.rank, title, why, g.item_id, g.method))
     return out
 
 

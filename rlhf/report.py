@@ -160,7 +160,7 @@ def write_report(run, results: dict, users, examples: dict[str, list[str]]) -> N
     }
     env = Environment(
         loader=PackageLoader("rlhf", "templates"),
-        autoescape=select_autoescape(["html"]),
+        autoescape=select_autoescape(["html", "html.j2"]),  # report.html.j2: every value from data is escaped
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,

@@ -117,3 +117,14 @@ def test_render_refuses_a_title_without_its_explanation():
     with pytest.raises(ValueError) as e:
         render(["Alien (1979)", "Heat (1995)"], ["horror"])
     assert str(e.value) == "render needs one explanation per title"
+
+
+def test_a_colon_in_a_title_written_without_its_year_stays_in_the_title():
+    cat = Catalog.builtin()
+    space = cat.ground("2001: A Space Odyssey (1968)").item_id
+    (e,) = parse_and_ground("1. 2001: A Space Odyssey", cat)
+    assert (e.title, e.explanation, e.item_id) == ("2001: A Space Odyssey", "", space)
+    (e,) = parse_and_ground("1. 2001: A Space Odyssey — cerebral sci-fi", cat)  # the dash splits first
+    assert (e.title, e.explanation, e.item_id) == ("2001: A Space Odyssey", "cerebral sci-fi", space)
+    (e,) = parse_and_ground("1. Heat: a crime epic", cat)  # a reason after a colon stays a reason
+    assert (e.title, e.explanation) == ("Heat", "a crime epic") and e.item_id == cat.ground("Heat").item_id
