@@ -1,5 +1,7 @@
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reward_models.terms import DEFAULT_WEIGHTS, TERMS, PromptContext, RewardEnv, rule_values
@@ -325,3 +327,56 @@ def test_describe_eval_lines():
         "correlation with true utility over 40 LLM listings: reward +0.50, learned n/a, rules -0.25",
     ]
     assert M.describe_eval({}) == [] and M.describe_eval({"vs_sft": {}, "reward_vs_truth": None}) == []
+
+
+def _tiny_behaviour():
+    """Four items; users who have a also have b, and those who have c also have d (item-kNN on that log)."""
+    from reward_models.terms.behaviour import BehaviourModel
+
+    log = [("u1", "a", 5.0), ("u1", "b", 5.0), ("u2", "a", 4.0), ("u2", "b", 4.0), ("u3", "c", 5.0), ("u3", "d", 5.0)]
+    log += [("u4", "c", 4.0), ("u4", "d", 3.0), ("u5", "e", 4.0)]
+    return BehaviourModel.fit("itemknn", ["a", "b", "c", "d", "e"], log)
+
+
+def test_behaviour_term_by_hand():
+    """A user who loved a: b is their best unseen item, then c and d (history weights: rating - 3); a made-up, a
+    repeated and an already-seen item earn nothing; the best items first score above the worst first."""
+    from reward_models.terms.behaviour import BehaviourModel, listing_value
+
+    model = _tiny_behaviour()
+    pct = model.percentiles(["a"], [5.0])
+    assert pct[model.index["b"]] == 1.0 and np.isnan(pct[model.index["a"]])  # seen: no percentile
+    ideal = 1 + 1 / math.log2(3)
+    best = listing_value(model, ["b", "e"], ["a"], 2, ratings=[5.0])
+    assert best == pytest.approx((1.0 + pct[model.index["e"]] / math.log2(3)) / ideal)
+    worst = listing_value(model, ["e", "b"], ["a"], 2, ratings=[5.0])
+    assert best > worst
+    assert listing_value(model, [None, "b"], ["a"], 2, ratings=[5.0]) == pytest.approx(1 / math.log2(3) / ideal)
+    assert listing_value(model, ["b", "b"], ["a"], 2, ratings=[5.0]) == pytest.approx(1 / ideal)  # a repeat: 0
+    assert listing_value(model, ["a", "b"], ["a"], 2, ratings=[5.0]) == pytest.approx(1 / math.log2(3) / ideal)
+    # a 1/5 for a pushes its neighbour b below the others; unrated history counts as liked
+    assert model.percentiles(["a"], [1.0])[model.index["b"]] == 0.0
+    assert model.percentiles(["a"], None)[model.index["b"]] == 1.0
+    # saved and loaded, the same ranking
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        again = BehaviourModel.load(model.save(Path(tmp) / "b.npz"))
+    assert np.allclose(again.percentiles(["a"], [5.0]), pct, equal_nan=True)
+
+
+def test_next_item_term_by_hand(catalog):
+    """On a training prompt, credit for listing what the user rated next, shaped by rank; none without a future."""
+    from reward_models.terms import PromptContext, RewardEnv
+    from reward_models.terms.next_item import score
+
+    env = RewardEnv(catalog, 3)
+    heat, fargo = _ids(catalog, "Heat") + _ids(catalog, "Fargo")
+    future = PromptContext(history_ids=[], future_ids=[heat, fargo])
+    first = "1. Heat (1995) — x\n2. Alien (1979) — x\n3. Fargo (1996) — x"
+    last = "1. Alien (1979) — x\n2. Aliens (1986) — x\n3. Heat (1995) — x"
+    made_up = "1. Blorp (2030) — x\n2. Blorp (2030) — x\n3. Zorp (2031) — x"
+    got = score(env, [None] * 3, [first, last, made_up], [future] * 3)
+    ideal = 1 + 1 / math.log2(3)
+    assert got == pytest.approx([(1 + 1 / 2) / ideal, (1 / 2) / ideal, 0.0])
+    assert score(env, [None], [first], [PromptContext(history_ids=[])]) == [0.0]  # a held-out user's prompt
