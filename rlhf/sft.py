@@ -55,7 +55,7 @@ def run_sft(cfg: Config, run_dir: Path) -> dict:
         from rlhf.data.loaders import DataError
 
         raise DataError(
-            f"{run.data.sft('train')} has no examples; users need at least K+2 interactions "
+            f"{run.data.sft('train')} has no examples: no training window has K items to list "
             "(lower data.k or data.min_history and prepare the data again)"
         )
     meta, catalog = run.meta(), run.catalog()

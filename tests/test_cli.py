@@ -20,7 +20,7 @@ def test_every_command_reaches_its_own_stage(tmp_path, capfd):
         (["rl", "--run", run, "--algo", "grpo"], "sft/merged is missing; make it with: rlhf sft --run"),
         (["eval", "--run", run], "data/meta.json is missing; make it with: rlhf data prepare"),
         (["recommend", "--run", run, "--history", "Alien"], "data/meta.json is missing"),
-        (["label", "export", "--run", run, "--round", "2"], "data/catalog.jsonl is missing"),
+        (["label", "export", "--run", run, "--round", "2"], "data/prompts/val.parquet is missing"),
         (["label", "serve", "--run", run, "--round", "2"], "round-002/batch.jsonl is missing; make it with: rlhf la"),
         (["label", "import", "--run", run, "--round", "3"], "round-003/batch.jsonl is missing"),
         (["label", "simulate", "--run", run, "--round", "2"], "data/meta.json is missing"),
@@ -162,12 +162,11 @@ def test_config_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_stage_input_errors_are_one_message_not_a_traceback(tmp_path):
-    """Prepared data a stage cannot use (K larger than any history, no validation users), and reward options
+    """Prepared data a stage cannot use (no validation users), and reward options
     that leave nothing to train on: one message naming the file or field, exit 1 (data) or 2 (config)."""
     run = tmp_path / "run"
-    rlhf("data", "prepare", "--out", run, "--config", TINY, "data.val_fraction=0", "data.k=40")
+    rlhf("data", "prepare", "--out", run, "--config", TINY, "data.val_fraction=0")
     cases = [
-        (["sft", "--run", run], 1, "data/sft/train.parquet has no examples; users need at least K+2 interactions"),
         (["eval", "--run", run, "--split", "val"], 1, "no held-out prompts in"),
         (["reward", "--run", run, "--sources", "labels"], 1, "no preference pairs for sources ['labels']"),
         (["reward", "--run", run, "reward.max_length=10"], 2, "longer than reward.max_length=10; raise it"),
@@ -175,3 +174,39 @@ def test_stage_input_errors_are_one_message_not_a_traceback(tmp_path):
     for argv, code, says in cases:
         proc = rlhf(*argv, "--config", TINY, check=False)
         assert proc.returncode == code and says in proc.stderr and "Traceback" not in proc.stderr, (argv, proc.stderr)
+
+
+def test_histories_too_short_to_cut_leave_sft_nothing_and_say_so(tmp_path):
+    """Every user has 3 ratings: no (prefix, future) window exists, so SFT has no examples and stops on the file."""
+    d = tmp_path / "ml"
+    d.mkdir()
+    movies = ["movieId,title,genres"] + [f"{i},Film {i} ({1980 + i}),Drama" for i in range(1, 21)]
+    (d / "movies.csv").write_text("\n".join(movies) + "\n")
+    ratings = ["userId,movieId,rating,timestamp"]
+    ratings += [f"{u},{(u + n * 5) % 20 + 1},4,{100 * u + n}" for u in range(1, 31) for n in range(3)]
+    (d / "ratings.csv").write_text("\n".join(ratings) + "\n")
+    run = tmp_path / "run"
+    rlhf(
+        "data",
+        "prepare",
+        "--source",
+        "movielens",
+        "--path",
+        d,
+        "--out",
+        run,
+        "--model",
+        "tiny",
+        "--k",
+        "2",
+        "data.min_history=3",
+    )
+    proc = rlhf("sft", "--run", run, "--config", TINY, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "data/sft/train.parquet has no examples: no training window has K items" in proc.stderr
+
+
+def test_k_beyond_half_the_catalog_is_refused_before_anything_is_written(tmp_path):
+    proc = rlhf("data", "prepare", "--out", tmp_path / "run", "--config", TINY, "data.k=300", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "data.k=300 asks for more items than the catalog can give a user (444 items)" in proc.stderr

@@ -32,7 +32,6 @@ def test_nested_override_and_list_from_comma():
         (["data.source=movielens"], "needs data.path"),
         (["eval.stages=base,dpo"], "unknown ['dpo']"),
         (["nosuch.x=1"], "unknown section 'nosuch'"),
-        (["model.load_in_4bit=true"], "needs a CUDA GPU"),
         (["ppo.algorithm=a2c"], "ppo.algorithm='a2c' is not one of ppo, grpo, rloo"),
         (["ppo.algorithm=grpo", "ppo.num_generations=3"], "ppo.batch_size (8) must be a multiple of it"),
         (["ppo.algorithm=rloo", "ppo.num_generations=1"], "compares ppo.num_generations >= 2"),

@@ -103,6 +103,11 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         seqs, cfg.split, cfg.holdout, cfg.val_fraction, cfg.test_fraction, cfg.cold_start_max, cfg.seed
     )
     item_ids = [it.item_id for it in catalog.items]
+    if 2 * cfg.k > len(item_ids):
+        raise DataError(
+            f"data.k={cfg.k} asks for more items than the catalog can give a user ({len(item_ids)} items); "
+            "lower data.k to at most half the catalog"
+        )
     default = "ease" if len(catalog) <= baselines.MAX_EASE_ITEMS else "itemknn"
     retriever = baselines.make(
         cfg.retriever if cfg.mode == "rerank" else default, item_ids, train_pairs(splits), seed=cfg.seed
