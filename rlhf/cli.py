@@ -16,6 +16,7 @@ import argparse
 import sys
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
+INIT_ADAPTER = "a saved LoRA adapter the policy's adapter starts from (RL continues it; the reference stays SFT)"
 
 
 def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
@@ -52,15 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     reward = sub.add_parser("reward", help="train the reward model on preference pairs (TRL RewardTrainer)")
     _common(reward)
     reward.add_argument("--sources", help="comma list of ratings,clicks,labels,simulator")
+    reward.add_argument(
+        "--init-from", help="a saved reward model to train further (a warm start) instead of reward.init"
+    )
 
     ppo = sub.add_parser("ppo", help="PPO with LoRA against the composite reward (TRL PPOTrainer); = rl --algo ppo")
     _common(ppo)
     ppo.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    ppo.add_argument("--init-adapter", help=INIT_ADAPTER)
 
     rl = sub.add_parser("rl", help="the RL stage with ppo.algorithm: PPO, or critic-free GRPO / RLOO (TRL)")
     _common(rl)
     rl.add_argument("--algo", choices=["ppo", "grpo", "rloo"], help="sets ppo.algorithm (default: the config's, ppo)")
     rl.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    rl.add_argument("--init-adapter", help=INIT_ADAPTER)
 
     ev = sub.add_parser("eval", help="evaluate stages and baselines on held-out users")
     _common(ev)
@@ -223,11 +229,11 @@ def dispatch(args) -> int:
     elif cmd == "reward":
         from reward_models.train import run_reward
 
-        run_reward(cfg, run_dir)
+        run_reward(cfg, run_dir, init_from=args.init_from)
     elif cmd in ("ppo", "rl"):
         from rlhf.rl import run_rl
 
-        run_rl(cfg, run_dir, resume=args.resume)
+        run_rl(cfg, run_dir, resume=args.resume, init_adapter=args.init_adapter)
     elif cmd == "eval":
         from rlhf.evaluate import run_eval
 
