@@ -226,7 +226,7 @@ def _trainer_args(cfg: Config, out, steps_per_update: int):
         "save_total_limit": 2,
         "disable_dropout": True,  # old, reference and training log-probabilities from the same deterministic forward
         "remove_unused_columns": False,
-        "report_to": [] if p.report_to == "none" else [p.report_to],
+        "report_to": [],  # the trackers are ours (rlhf/tracking.py: TrackerCallback), as in PPO
         "seed": cfg.run.seed,
         "gradient_checkpointing": False,
         "dataloader_num_workers": 0,
