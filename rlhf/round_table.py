@@ -52,11 +52,6 @@ def round_rows(run: RunDir) -> list[dict]:
     for key in sorted((state.get("rounds") or {}), key=int):
         r, entry = int(key), state["rounds"][key]
         snap = run.rounds.round(r)
-        m = _json(snap.eval.metrics)
-        stages = m.get("stages") or {}
-        policy = "ppo" if "ppo" in stages else "sft" if stages else None
-        s = stages.get(policy) or {}
-        truth = ((m.get("reward_vs_truth") or {}).get("by_stage") or {}).get(policy) or {}
         updates += _json(snap.ppo.summary).get("updates") or 0
         label_round = (entry.get("export") or {}).get("label_round")
         labels = _json(run.labels.round(label_round).summary) if label_round else {}
@@ -68,16 +63,8 @@ def round_rows(run: RunDir) -> list[dict]:
                 "round": r,
                 "label_round": label_round,
                 "state": "done" if "eval" in steps else f"at {_next(r, steps)}",
-                "policy": policy,
                 "rl_updates": updates,
-                "true_utility": s.get("true_utility"),
-                "vs_sft": ((m.get("vs_sft") or {}).get(policy) or {}).get("true_utility"),
-                "ndcg": s.get(f"ndcg@{m.get('k')}"),
-                "k": m.get("k"),
-                "learned_vs_truth": truth.get("learned"),
-                "reward_vs_truth": truth.get("reward"),
-                "kl_to_sft": s.get("kl_to_sft"),
-                "coverage": s.get("coverage"),
+                **eval_figures(_json(snap.eval.metrics)),
                 "pairs_added": labels.get("pairs"),
                 "judgments": (labels.get("judgments") or {}).get("used"),
                 "agreement": agreement.get("pairwise"),
@@ -87,6 +74,25 @@ def round_rows(run: RunDir) -> list[dict]:
             }
         )
     return rows
+
+
+def eval_figures(m: dict) -> dict:
+    """The policy's figures in one eval/metrics.json: the RL stage when it was evaluated, else SFT."""
+    stages = m.get("stages") or {}
+    policy = "ppo" if "ppo" in stages else "sft" if stages else None
+    s = stages.get(policy) or {}
+    truth = ((m.get("reward_vs_truth") or {}).get("by_stage") or {}).get(policy) or {}
+    return {
+        "policy": policy,
+        "true_utility": s.get("true_utility"),
+        "vs_sft": ((m.get("vs_sft") or {}).get(policy) or {}).get("true_utility"),
+        "ndcg": s.get(f"ndcg@{m.get('k')}"),
+        "k": m.get("k"),
+        "learned_vs_truth": truth.get("learned"),
+        "reward_vs_truth": truth.get("reward"),
+        "kl_to_sft": s.get("kl_to_sft"),
+        "coverage": s.get("coverage"),
+    }
 
 
 def _next(r: int, steps: list[str]) -> str:
