@@ -7,7 +7,7 @@ For each stage (data, sft, reward, ppo, eval): done, interrupted (its folder hol
 last, e.g. PPO checkpoints without the final adapter) or missing (``RunDir.state``), with its key figures: data
 counts, SFT's valid-listing rate, the reward model's held-out accuracy, PPO's updates and last reward, eval's
 table against the baselines. Then each labeling round, the round table of `rlhf rounds` (rlhf/round_table.py) with
-where an unfinished loop stopped, and the next command to run.
+the step an unfinished loop is at, and the next command to run.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def older_than(run: RunDir, stage: str, label_rounds: list[dict]) -> list[str]:
 
 
 def loop_figures(run: RunDir) -> dict | None:
-    """`rlhf rounds`: rounds asked for and done, where an unfinished one stopped, and the round table."""
+    """`rlhf rounds`: rounds asked for and done, the step an unfinished round is at (running, or stopped there: the
+    files cannot tell), and the round table."""
     from rlhf.round_table import round_rows
 
     rows = round_rows(run)
@@ -163,7 +164,7 @@ def loop_figures(run: RunDir) -> dict | None:
     return {
         "target": target,
         "done": done,
-        "stopped_at": {"round": unfinished["round"], "step": unfinished["state"][3:]} if unfinished else None,
+        "unfinished": {"round": unfinished["round"], "step": unfinished["state"][3:]} if unfinished else None,
         "table": rows,
     }
 
@@ -172,7 +173,7 @@ def next_command(run: RunDir, stages: dict, label_rounds: list[dict], loop: dict
     """An unfinished `rlhf rounds` loop (it resumes), else the first stage not done (PPO with a checkpoint resumes),
     else the first one out of date, else a round waiting for judgments or their import. None when nothing is left."""
     root = run.root
-    if loop and (loop["stopped_at"] or (loop["target"] or 0) > loop["done"]):
+    if loop and (loop["unfinished"] or (loop["target"] or 0) > loop["done"]):
         return f"rlhf rounds --run {root} --rounds {max(loop['target'] or 0, loop['done'])}"
     for stage in STAGES:
         info = stages[stage]
@@ -293,8 +294,8 @@ def _render_loop(loop: dict | None) -> list[str]:
     if not loop:
         return []
     head = f"rounds: {loop['done']} of {_num(loop['target'])} done"
-    if loop["stopped_at"]:
-        head += f"; round {loop['stopped_at']['round']} stopped at {loop['stopped_at']['step']}"
+    if loop["unfinished"]:
+        head += f"; round {loop['unfinished']['round']} unfinished, at step {loop['unfinished']['step']}"
     return [head, *("  " + line for line in render_table(loop["table"]).splitlines())]
 
 

@@ -196,14 +196,14 @@ def test_two_rounds_keep_every_round_and_report_the_table(rounds_run):
     assert "<h2>Rounds</h2>" in html and html.count("<tr>") >= 4
     status = rlhf("status", "--run", run)
     assert "rounds: 2 of 2 done" in status.stdout
-    assert json.loads(rlhf("status", "--run", run, "--json").stdout)["loop"]["stopped_at"] is None
+    assert json.loads(rlhf("status", "--run", run, "--json").stdout)["loop"]["unfinished"] is None
     # once done, the same command runs nothing
     assert "rounds: round" not in rounds_run.third and "RL updates" in rounds_run.third
 
 
 def test_sigkill_mid_round_resumes_at_the_step_it_stopped_in(rounds_run):
     run = rounds_run.run
-    assert rounds_run.status_at_kill["loop"]["stopped_at"] == {"round": 2, "step": "rl"}
+    assert rounds_run.status_at_kill["loop"]["unfinished"] == {"round": 2, "step": "rl"}
     assert rounds_run.status_at_kill["next"] == f"rlhf rounds --run {run} --rounds 2"
     second = rounds_run.second
     assert "round 2 (labels round 2): resuming at step rl (done: export, judge, import, reward)" in second
