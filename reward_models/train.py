@@ -1,11 +1,14 @@
 """Reward-model stage: TRL RewardTrainer on preference pairs, LoRA with the score head saved.
 
     rlhf reward --run runs/demo --config recipes/demo.yaml [--sources ratings,clicks,simulator,labels]
+    rlhf reward --run runs/demo --init-from runs/demo/rounds/round-001/reward/model   # a warm start
 
 Writes RUN_DIR/reward/model (a full AutoModelForSequenceClassification: PPO's reward and the start of
-its value model), reward/adapter (LoRA + head), reward/metrics.json (held-out pairwise accuracy overall
-and per source) and reward/log.jsonl; with ``track.report_to``, the per-step logs and those figures to the
-trackers (rlhf/tracking.py).
+its value model), reward/adapter (LoRA + head), reward/metrics.json (held-out pairwise accuracy overall,
+per source and per labeling round) and reward/log.jsonl; with ``track.report_to``, the per-step logs and those
+figures to the trackers (rlhf/tracking.py). ``--init-from`` (what `rlhf rounds` passes: the previous round's model)
+trains a saved reward model further, score head included, instead of starting from ``reward.init``; it is read, never
+written, so it must not be RUN_DIR/reward/model itself.
 """
 
 from __future__ import annotations
@@ -43,20 +46,27 @@ def pairwise_accuracy(model, tokenizer, examples: list[dict]) -> dict:
         return {"overall": None, "by_source": {}, "n": 0}
     chosen = score_sequences(model, [e["chosen_ids"] for e in examples], tokenizer.pad_token_id)
     rejected = score_sequences(model, [e["rejected_ids"] for e in examples], tokenizer.pad_token_id)
-    hits, by = [], {}
+    hits, by, by_round = [], {}, {}
     for e, c, r in zip(examples, chosen, rejected):
         h = float(c > r)
         hits.append(h)
         by.setdefault(source_family(e["source"]), []).append(h)
+        if source_family(e["source"]) != e["source"]:  # a labeling round: labels:round-NNN
+            by_round.setdefault(e["source"], []).append(h)
     return {
         "overall": sum(hits) / len(hits),
         "n": len(hits),
-        "by_source": {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(by.items())},
+        "by_source": _shares(by),
+        "by_round": _shares(by_round),
         "mean_margin": sum(c - r for c, r in zip(chosen, rejected)) / len(hits),
     }
 
 
-def run_reward(cfg: Config, run_dir: Path) -> dict:
+def _shares(groups: dict[str, list[float]]) -> dict:
+    return {s: {"accuracy": sum(v) / len(v), "n": len(v)} for s, v in sorted(groups.items())}
+
+
+def run_reward(cfg: Config, run_dir: Path, init_from: str | None = None) -> dict:
     import torch
 
     from rlhf.models import gather_trained, load_tokenizer, torch_dtype
@@ -73,7 +83,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
     save_resolved(cfg, run, ["reward", "track"])
     torch.manual_seed(cfg.run.seed)
 
-    base_path = _init_path(run, rc.init, mc.name)
+    base_path = _warm_start(run, init_from) if init_from else _init_path(run, rc.init, mc.name)
     tokenizer = load_tokenizer(base_path)
     train_ex, long_train = _tokenized(train_rows, tokenizer, rc.max_length, rc.use_margin)
     val_ex, long_val = _tokenized(val_rows, tokenizer, rc.max_length, rc.use_margin)
@@ -111,6 +121,7 @@ def run_reward(cfg: Config, run_dir: Path) -> dict:
         "pairs": {**pairs, "too_long": long_train + long_val},
         "val_accuracy": acc["overall"],
         "val_by_source": acc["by_source"],
+        "val_by_round": acc.get("by_round", {}),
         "val_mean_margin": acc.get("mean_margin"),
         "train_accuracy_sample": train_acc["overall"],
         "gpu_peak_gb": gpu_peak_gb(),
@@ -183,6 +194,20 @@ def _init_path(run: RunDir, init: str, model_name: str) -> str:
     if init == "sft" or (init == "auto" and run.sft.merged.exists()):
         return str(run.sft.merged)
     return resolve_model(model_name)
+
+
+def _warm_start(run: RunDir, init_from: str) -> str:
+    """The saved reward model --init-from names, checked before anything loads: it is read while reward/model is
+    written, so it cannot be reward/model itself."""
+    path = Path(init_from)
+    if not (path / "config.json").exists():
+        raise MissingInput(f"--init-from {path}: no saved reward model there (config.json is missing)")
+    if path.resolve() == run.reward.model.resolve():
+        raise ConfigError(
+            f"--init-from {path} is the model this stage writes; copy it first (`rlhf rounds` keeps each round's "
+            "reward model under rounds/round-NNN/reward/model)"
+        )
+    return str(path)
 
 
 def _fit_behaviour(run: RunDir, name: str) -> str | None:

@@ -3,6 +3,7 @@
     rlhf data prepare --source builtin --out runs/demo
     rlhf sft --run runs/demo --config recipes/demo.yaml sft.max_steps=40
     rlhf rl --algo grpo --run runs/demo
+    rlhf rounds --run runs/demo --rounds 2
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m rlhf ppo --run runs/demo
 
 Every stage takes ``--config FILE.yaml`` and trailing ``section.field=value`` overrides (a bare
@@ -19,10 +20,13 @@ from typing import get_args
 from rlhf.config import Algorithm, HeldOut, Mode, Protocol, Retriever, Source, Stage
 
 EXIT_ERROR, EXIT_USAGE = 1, 2
+INIT_ADAPTER = "a saved LoRA adapter the policy's adapter starts from (RL continues it; the reference stays SFT)"
 
 
 def _common(p: argparse.ArgumentParser, run_flag: str = "--run"):
-    p.add_argument("--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval, label, track)")
+    p.add_argument(
+        "--config", help="recipe YAML (sections: run, model, data, sft, reward, ppo, eval, label, rounds, track)"
+    )
     p.add_argument(run_flag, dest="run", help="run directory (default: runs/<run.name> from the config)")
     p.add_argument("--model", help="base model: smollm2-135m (default), tiny, a local path or a hub id")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
@@ -55,15 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     reward = sub.add_parser("reward", help="train the reward model on preference pairs (TRL RewardTrainer)")
     _common(reward)
     reward.add_argument("--sources", help="comma list of ratings,clicks,labels,simulator")
+    reward.add_argument(
+        "--init-from", help="a saved reward model to train further (a warm start) instead of reward.init"
+    )
 
     ppo = sub.add_parser("ppo", help="PPO with LoRA against the composite reward (TRL PPOTrainer); = rl --algo ppo")
     _common(ppo)
     ppo.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    ppo.add_argument("--init-adapter", help=INIT_ADAPTER)
 
     rl = sub.add_parser("rl", help="the RL stage with ppo.algorithm: PPO, or critic-free GRPO / RLOO (TRL)")
     _common(rl)
     rl.add_argument("--algo", choices=get_args(Algorithm), help="sets ppo.algorithm (default: the config's, ppo)")
     rl.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    rl.add_argument("--init-adapter", help=INIT_ADAPTER)
 
     ev = sub.add_parser("eval", help="evaluate stages and baselines on held-out users")
     _common(ev)
@@ -84,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--max-new-tokens", type=int, default=160)
 
     _label_parser(sub)
+    _rounds_parser(sub)
     _export_parser(sub)
     pipe = sub.add_parser("pipeline", help="data -> sft -> reward -> ppo -> eval, skipping finished stages")
     _common(pipe)
@@ -118,6 +128,18 @@ def _label_parser(sub) -> None:
     auth.add_argument("--tokens-file", help="a file of `labeler,token` lines")
     lp["simulate"].add_argument("--labelers", type=int)
     lp["simulate"].add_argument("--noise", type=float)
+
+
+def _rounds_parser(sub) -> None:
+    rounds = sub.add_parser("rounds", help="label -> reward -> RL -> eval, round after round; a rerun resumes")
+    _common(rounds)
+    rounds.add_argument("--rounds", type=int, help="rounds to have done (rounds.rounds, default 2)")
+    rounds.add_argument("--labelers", dest="round_labelers", choices=["simulated", "people"])
+    rounds.add_argument("--deadline", type=float, help="people: seconds of serving per round (rounds.deadline_s)")
+    auth = rounds.add_mutually_exclusive_group()
+    auth.add_argument("--token", help="people: one labeler's token (default: a random one, printed)")
+    auth.add_argument("--tokens-file", help="people: a file of `labeler,token` lines (rounds.tokens_file)")
+    rounds.add_argument("--stop", action="store_true", help="close the round being judged by people; the loop goes on")
 
 
 def _export_parser(sub) -> None:
@@ -164,11 +186,16 @@ def _flag_overrides(args) -> list[str]:
         "port": "label.port",
         "labelers": "label.labelers",
         "noise": "label.noise",
+        "rounds": "rounds.rounds",
+        "round_labelers": "rounds.labelers",
+        "deadline": "rounds.deadline_s",
     }
     if section_of:  # --max-users means the data stage's cap or eval's, by command
         fields["max_users"] = f"{section_of}.max_users"
     if args.command == "data":
         fields["k"] = "data.k"
+    if args.command == "rounds":  # label serve reads its tokens file directly; the loop keeps it in its section
+        fields["tokens_file"] = "rounds.tokens_file"
     out = [f"{key}={getattr(args, attr)}" for attr, key in fields.items() if getattr(args, attr, None) is not None]
     if args.model:
         out.append(f"model.name={args.model}")
@@ -193,6 +220,7 @@ def _load(args):
         "rl": "ppo",
         "eval": "eval",
         "label": "label",
+        "rounds": "rounds",
     }.get(args.command)
     overrides = [*args.overrides, *_flag_overrides(args)]
     run = RunDir(args.run or load_config(args.config, overrides, default_section=section).run.path)
@@ -212,6 +240,11 @@ def dispatch(args) -> int:
         from rlhf.status import run_status
 
         return run_status(args.run, as_json=args.json)
+    if args.command == "rounds" and args.stop:  # a file the running loop watches: no config needed
+        from rlhf.rounds import request_stop
+
+        request_stop(args.run)
+        return 0
     cfg = _load(args)
     run_dir = cfg.run.path
     cmd = args.command
@@ -226,11 +259,11 @@ def dispatch(args) -> int:
     elif cmd == "reward":
         from reward_models.train import run_reward
 
-        run_reward(cfg, run_dir)
+        run_reward(cfg, run_dir, init_from=args.init_from)
     elif cmd in ("ppo", "rl"):
         from rlhf.rl import run_rl
 
-        run_rl(cfg, run_dir, resume=args.resume)
+        run_rl(cfg, run_dir, resume=args.resume, init_adapter=args.init_adapter)
     elif cmd == "eval":
         from rlhf.evaluate import run_eval
 
@@ -249,6 +282,10 @@ def dispatch(args) -> int:
         run_export(
             cfg, run_dir, args.out, args.stage, export_options(args.format, args.merge, args.gguf_types, args.gguf_lora)
         )
+    elif cmd == "rounds":
+        from rlhf.rounds import run_rounds
+
+        run_rounds(cfg, run_dir, args.config, [*args.overrides, *_flag_overrides(args)], token=args.token)
     elif cmd == "pipeline":
         from rlhf.pipeline import run_pipeline
 
@@ -261,6 +298,7 @@ def main(argv=None) -> int:
     from rlhf.config import ConfigError
     from rlhf.data.loaders import DataError
     from rlhf.models import ModelError
+    from rlhf.rounds import RoundsStopped
     from rlhf.runs import MissingInput
 
     prog = f"rlhf {args.command}"
@@ -271,6 +309,9 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except (DataError, MissingInput, ModelError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except RoundsStopped as e:
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -1,8 +1,8 @@
 """One dataclass per stage, loaded from a sectioned YAML recipe and ``section.field=value`` overrides.
 
 A recipe has one top-level mapping per section (``run``, ``model``, ``data``, ``sft``, ``reward``,
-``ppo``, ``eval``, ``label``, ``track``); every section is optional and every field has a default. Values are
-checked against the field's type when loaded and cross-field rules run in ``__post_init__``, so a bad
+``ppo``, ``eval``, ``label``, ``rounds``, ``track``); every section is optional and every field has a default. Values
+are checked against the field's type when loaded and cross-field rules run in ``__post_init__``, so a bad
 recipe fails before any model is loaded. Each stage writes the resolved config into
 ``RUN_DIR/config.yaml``.
 """
@@ -408,6 +408,39 @@ class LabelConfig:
             raise ConfigError(f"label.port={self.port} is not a TCP port")
 
 
+@dataclass
+class RoundsConfig:
+    """`rlhf rounds`: label -> reward -> RL -> eval, round after round (rlhf/rounds.py). Each round's labels come from
+    the ``label`` section (prompts from label.split, label.candidates listings of the current policy each, sampled at
+    label.temperature; label.host / label.port for people)."""
+
+    rounds: int = _f(2, "rounds to have done: a rerun with more adds rounds, one with as many resumes the last")
+    labelers: str = _f(
+        "simulated",
+        "simulated (the simulator's labelers, label.labelers of them at label.noise: built-in data) | people (the "
+        "labeling server on label.host:label.port until the round's queue is judged, the deadline or a stop)",
+    )
+    rl_updates: int = _f(0, "RL updates per round (0 = ppo.total_updates)")
+    reward_steps: int = _f(0, "reward-model steps per round, from the previous round's model (0 = reward.max_steps)")
+    deadline_s: float = _f(
+        0.0, "people: close a round's judging after this many seconds of serving, with what was judged (0 = none)"
+    )
+    judgments_per_prompt: int = _f(
+        0, "people: the queue is judged when every prompt has this many judgments (0 = every labeler judged all)"
+    )
+    tokens_file: str = _f("", "people: a file of `labeler,token` lines (default: one random token, printed)")
+
+    def __post_init__(self):
+        _choice("rounds.labelers", self.labelers, ("simulated", "people"))
+        if self.rounds < 1:
+            raise ConfigError(f"rounds.rounds must be >= 1, got {self.rounds}")
+        for name in ("rl_updates", "reward_steps", "judgments_per_prompt"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"rounds.{name} must be >= 0 (0 = the default), got {getattr(self, name)}")
+        if self.deadline_s < 0:
+            raise ConfigError(f"rounds.deadline_s must be >= 0 (0 = no deadline), got {self.deadline_s}")
+
+
 # tracker -> the package it needs (rlhf/tracking.py writes the logs)
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
 
@@ -455,6 +488,7 @@ SECTIONS: dict[str, type] = {
     "ppo": PPOStageConfig,
     "eval": EvalConfig,
     "label": LabelConfig,
+    "rounds": RoundsConfig,
     "track": TrackConfig,
 }
 
@@ -469,6 +503,7 @@ class Config:
     ppo: PPOStageConfig = field(default_factory=PPOStageConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
 
     def to_dict(self) -> dict:

@@ -377,16 +377,23 @@ def _paired(per_user: dict, a: str, b: str, skip=()) -> dict:
 
 def _reward_vs_truth(per_user: dict, scored: dict, composite) -> dict | None:
     """Pearson correlation with true utility, over every LLM listing that has both, of the composite reward, its
-    learned part, its rule part and each term (None without the simulator).
+    learned part, its rule part and each term (None without the simulator); and per stage, on that stage's own
+    listings, of the composite and its learned part (``by_stage``: what `rlhf rounds` tracks round after round).
 
     Does the reward PPO optimises track what it stands for? On the policies' own listings a learned score that
     ranks held-out preference pairs well can still be unrelated to the simulator's utility.
     """
-    util, total, rules, terms = [], [], [], {}
+    util, total, rules, terms, by_stage = [], [], [], {}, {}
     for stage, result in scored.items():
         if "true_utility" not in per_user[stage]:
             continue
-        util += per_user[stage]["true_utility"]
+        own = per_user[stage]["true_utility"]
+        by_stage[stage] = {
+            "reward": M.pearson(result.total, own),
+            "learned": M.pearson(result.terms["learned"], own) if "learned" in result.terms else None,
+            "n": len(own),
+        }
+        util += own
         total += result.total
         rules += composite.rule_part(result)
         for name, values in result.terms.items():
@@ -396,6 +403,7 @@ def _reward_vs_truth(per_user: dict, scored: dict, composite) -> dict | None:
     out = {"reward": M.pearson(total, util), "rules": M.pearson(rules, util), "n": len(util)}
     out["learned"] = M.pearson(terms["learned"], util) if "learned" in terms else None
     out["terms"] = {name: M.pearson(values, util) for name, values in terms.items()}
+    out["by_stage"] = by_stage
     return out
 
 

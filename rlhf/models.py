@@ -327,6 +327,30 @@ def lora_config(model_cfg, task_type: str = "CAUSAL_LM"):
     )
 
 
+def check_init_adapter(path, model_cfg) -> Path:
+    """A saved LoRA adapter the RL policy may start from (``rlhf rl --init-adapter``): it exists and has the rank and
+    modules model.lora_r / lora_target_modules give the policy's adapter. Checked before anything loads."""
+    import json
+
+    from rlhf.config import ConfigError
+
+    path = Path(path)
+    if not model_cfg.use_lora:
+        raise ConfigError("--init-adapter starts the policy's LoRA adapter from a saved one: set model.use_lora=true")
+    config = path / "adapter_config.json"
+    if not config.exists() or not (path / "adapter_model.safetensors").exists():
+        raise ModelError(f"--init-adapter {path}: no saved PEFT adapter there (adapter_config.json, .safetensors)")
+    saved = json.loads(config.read_text())
+    if saved.get("r") != model_cfg.lora_r or set(saved.get("target_modules") or ()) != set(
+        model_cfg.lora_target_modules
+    ):
+        raise ConfigError(
+            f"--init-adapter {path} has rank {saved.get('r')} on {sorted(saved.get('target_modules') or ())}; the "
+            f"policy's adapter has model.lora_r={model_cfg.lora_r} on {sorted(model_cfg.lora_target_modules)}"
+        )
+    return path
+
+
 def truncate_layers(model, keep: int):
     """Keep the first ``keep`` decoder layers (0 = all). The final norm and score head stay."""
     backbone = getattr(model, model.base_model_prefix)

@@ -2,10 +2,12 @@
 
     rlhf ppo --run runs/demo --config recipes/demo.yaml            # one CPU
     rlhf ppo --run runs/demo --resume                              # continue after an interruption
+    rlhf ppo --run runs/demo --init-adapter runs/demo/rounds/round-001/ppo/adapter   # continue from a saved policy
     accelerate launch --config_file accelerate_configs/multi_cpu.yaml -m rlhf ppo --run runs/demo
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m rlhf ppo --run runs/demo
 
-Policy: RUN_DIR/sft/merged + a new LoRA adapter (rlhf/rollout.py: how its rollouts are sampled and scored);
+Policy: RUN_DIR/sft/merged + a new LoRA adapter, or one holding a saved adapter's weights (``--init-adapter``: what
+`rlhf rounds` passes, the previous round's) (rlhf/rollout.py: how its rollouts are sampled and scored);
 reference: the same model with the adapter disabled (no second copy); value model: the reward model with its own
 LoRA adapter and trainable head; reward: the composite of registered terms (reward_models/composite.py). The
 trainer and its TRL fixes are in rlhf/ppo_trainer.py, the resume record in rlhf/checkpoint.py.
@@ -30,21 +32,22 @@ from rlhf.config import Config, save_resolved
 from rlhf.runs import RunDir
 
 
-def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def run_ppo(cfg: Config, run_dir: Path, resume: bool = False, init_adapter: str | None = None) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
 
     from reward_models.encoding import prompt_ids
-    from rlhf.models import load_causal_lm, load_tokenizer, lora_config
+    from rlhf.models import check_init_adapter, load_tokenizer
     from rlhf.ppo_trainer import BudgetSpent, RecPPOTrainer
-    from rlhf.precision import base_dtype, resolve
-    from rlhf.rollout import PPOPolicy
+    from rlhf.precision import resolve
+    from rlhf.rollout import PPOPolicy, build_policy
     from rlhf.tracking import Tracker, TrackerCallback
 
     run = RunDir(run_dir)
     sft_path, rm_path = run.need(run.sft.merged), run.need(run.reward.model)
     ppo_cfg, model_cfg = cfg.ppo, cfg.model
     dtype = resolve(model_cfg, "ppo")
+    init_adapter = init_adapter and check_init_adapter(init_adapter, model_cfg)
     state = PartialState(cpu=not torch.cuda.is_available())
     resume_from = checkpoint.latest(run.ppo.checkpoints) if resume else None
     if resume and resume_from is None:
@@ -67,10 +70,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
 
         raise ConfigError(f"{len(rows)} PPO prompts is fewer than ppo.batch_size={ppo_cfg.batch_size}; lower it")
     ids = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    policy = load_causal_lm(str(sft_path), base_dtype(model_cfg), model_cfg.load_in_4bit)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id
-    if model_cfg.use_lora:
-        policy = PPOPolicy(policy, lora_config(model_cfg))
+    policy, start = build_policy(PPOPolicy, sft_path, model_cfg, tokenizer.pad_token_id, init_adapter)
     reward, constraints = _reward_and_constraints(run, cfg, tokenizer, rows, ids, policy.config, dtype)
     trainer = RecPPOTrainer(
         args=_trl_config(cfg, run, done, state.num_processes),
@@ -99,7 +99,7 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
         trainer.train()
     except BudgetSpent:
         stopped = True
-    summary = _finish(trainer, run, cfg, tokenizer, reward.composite, done, time.time() - t0, dtype, stopped)
+    summary = _finish(trainer, run, cfg, tokenizer, reward.composite, done, time.time() - t0, dtype, stopped, start)
     if summary:
         tracker.finish(summary)
     return summary
@@ -168,7 +168,16 @@ def _trl_config(cfg: Config, run: RunDir, done: int, processes: int):
 
 
 def _finish(
-    trainer, run: RunDir, cfg: Config, tokenizer, composite, done: int, seconds: float, dtype: str, stopped: bool
+    trainer,
+    run: RunDir,
+    cfg: Config,
+    tokenizer,
+    composite,
+    done: int,
+    seconds: float,
+    dtype: str,
+    stopped: bool,
+    start: dict,
 ) -> dict:
     """Adapter, samples and ppo/summary.json (written last: the stage's done marker), by the main process only
     (TRL 1.12 fails saving on another rank)."""
@@ -192,6 +201,7 @@ def _finish(
         "merged_rollouts": trainer.merged_rollouts,
         "constrained": cfg.ppo.constrained,
         "reward_weights": cfg.ppo.reward_weights,
+        **start,
     }
     run.ppo.summary.write_text(json.dumps(summary, indent=2))
     print(f"ppo: {updates - done} updates in {seconds:.0f}s (now {updates}); wrote {run.ppo.adapter}")

@@ -1,6 +1,7 @@
 """The evaluation report: a metrics table (stages beside baselines), paired comparisons, how each reward term
-tracks true utility, plots and example listings, as Markdown and HTML from one Jinja template pair
-(rlhf/templates/report.{md,html}.j2). The HTML template is autoescaped: titles and generations are untrusted text.
+tracks true utility, the round table when the run has `rlhf rounds`, plots and example listings, as Markdown and HTML
+from one Jinja template pair (rlhf/templates/report.{md,html}.j2). The HTML template is autoescaped: titles and
+generations are untrusted text.
 """
 
 from __future__ import annotations
@@ -133,9 +134,27 @@ def _examples(users, examples: dict[str, list[str]]) -> list[dict]:
     return out
 
 
+def report_from_files(run, num_examples: int) -> None:
+    """Write eval's report again from eval/metrics.json and eval/listings.jsonl alone (no model): what `rlhf rounds`
+    does once a round's eval is kept, so the report's round table has that round's row."""
+    from rlhf.evaluate import HeldOutUsers
+
+    results = json.loads(run.eval.metrics.read_text())
+    users = HeldOutUsers(run, results["split"], results["users"])
+    examples: dict[str, list[str]] = {}
+    for line in run.eval.listings.read_text().splitlines() if run.eval.listings.exists() else []:
+        row = json.loads(line)
+        texts = examples.setdefault(row["stage"], [])
+        if len(texts) < num_examples:
+            texts.append(row["text"])
+    write_report(run, results, users, examples)
+
+
 def write_report(run, results: dict, users, examples: dict[str, list[str]]) -> None:
     """eval/report.md and eval/report.html of a RunDir, and the plots they show."""
     from jinja2 import Environment, PackageLoader, select_autoescape
+
+    from rlhf.round_table import round_rows, table
 
     cols, entries = table_rows(results)
     k = results["k"]
@@ -157,6 +176,7 @@ def write_report(run, results: dict, users, examples: dict[str, list[str]]) -> N
         "plots": _plots(run, results),
         "examples": _examples(users, examples),
         "notes": results.get("notes") or [],
+        "rounds": table(rows) if (rows := round_rows(run)) else None,
     }
     env = Environment(
         loader=PackageLoader("rlhf", "templates"),

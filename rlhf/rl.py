@@ -2,6 +2,7 @@
 
     rlhf rl --algo grpo --run runs/demo --config recipes/demo.yaml       # one CPU
     rlhf rl --algo rloo --run runs/demo --resume                          # continue after an interruption
+    rlhf rl --run runs/demo --init-adapter runs/demo/rounds/round-001/ppo/adapter   # continue from a saved policy
     rlhf ppo --run runs/demo                                              # the same as rlhf rl --algo ppo
     accelerate launch --config_file accelerate_configs/multi_gpu.yaml -m rlhf rl --algo grpo --run runs/demo
 
@@ -12,7 +13,8 @@ the algorithm).
 
 GRPO and RLOO have no value model: for each user prompt they sample ``ppo.num_generations`` listings and compare them
 with each other, so every user gets their own baseline (GRPO: the group's mean, advantages divided by its standard
-deviation; RLOO: the mean of the other listings). Policy: RUN_DIR/sft/merged + a new LoRA adapter, sampled through a
+deviation; RLOO: the mean of the other listings). Policy: RUN_DIR/sft/merged + a new LoRA adapter (or, with
+``--init-adapter``, one holding a saved adapter's weights: `rlhf rounds` passes the previous round's), sampled through a
 merged copy (rlhf/rollout.py: SampledPolicy); reference: the same model with the adapter disabled, at KL coefficient
 ``ppo.kl_coef`` (GRPO: k3 per token, in the loss; RLOO: k1 summed over the listing, in the reward); reward: the
 composite (reward_models/trl_funcs.py). An update is one batch of ``ppo.batch_size`` listings per process
@@ -34,19 +36,19 @@ from rlhf.config import Config, ConfigError, save_resolved
 from rlhf.runs import RunDir
 
 
-def run_rl(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
-    """The RL stage with ``cfg.ppo.algorithm``."""
+def run_rl(cfg: Config, run_dir: Path, resume: bool = False, init_adapter: str | None = None) -> dict:
+    """The RL stage with ``cfg.ppo.algorithm``; ``init_adapter``: a saved adapter the policy's starts from."""
     if cfg.ppo.algorithm == "ppo":
         from rlhf.ppo import run_ppo
 
-        return run_ppo(cfg, run_dir, resume)
-    return run_group(cfg, run_dir, resume)
+        return run_ppo(cfg, run_dir, resume, init_adapter)
+    return run_group(cfg, run_dir, resume, init_adapter)
 
 
-def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+def run_group(cfg: Config, run_dir: Path, resume: bool = False, init_adapter: str | None = None) -> dict:
     from accelerate import PartialState
 
-    from rlhf.models import load_tokenizer
+    from rlhf.models import check_init_adapter, load_tokenizer
     from rlhf.ppo import prepare_output
     from rlhf.precision import resolve
     from rlhf.tracking import Tracker, TrackerCallback
@@ -60,6 +62,7 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     if ppo_cfg.reward_weights["learned"]:
         run.need(run.reward.model)
     dtype, out = resolve(cfg.model, algo), run.ppo
+    init_adapter = init_adapter and check_init_adapter(init_adapter, cfg.model)
     state = PartialState(cpu=not torch.cuda.is_available())
     resume_from, done = _resume_point(out, resume, algo)
     if state.is_main_process:
@@ -81,7 +84,7 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
             f"{len(rows)} RL prompts: fewer than the {users_per_update} users an update samples "
             "(ppo.batch_size / ppo.num_generations)"
         )
-    trainer = _trainer(cfg, run, sft_path, tokenizer, rows, dtype)
+    trainer, start = _trainer(cfg, run, sft_path, tokenizer, rows, dtype, init_adapter)
     tracker = Tracker(cfg, run, "ppo", resume=resume_from is not None, main_process=state.is_main_process)
     trainer.add_callback(TrackerCallback(tracker))
     if resume_from:
@@ -92,7 +95,7 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     trainer.accelerator.wait_for_everyone()
     if not trainer.accelerator.is_main_process:
         return {}
-    summary = _save(trainer, tokenizer, run, cfg, dtype)
+    summary = {**_save(trainer, tokenizer, run, cfg, dtype), **start}
     summary.update(resumed_at=done or None, seconds=round(seconds, 1))
     out.summary.write_text(json.dumps(summary, indent=2))
     tracker.finish(summary)
@@ -102,8 +105,9 @@ def run_group(cfg: Config, run_dir: Path, resume: bool = False) -> dict:
     return summary
 
 
-def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dict], dtype: str):
-    """RecGRPOTrainer or RecRLOOTrainer on the prompts ``rows``, scoring through the run's composite reward."""
+def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dict], dtype: str, init_adapter=None):
+    """RecGRPOTrainer or RecRLOOTrainer on the prompts ``rows``, scoring through the run's composite reward; and the
+    record of the reference and the adapter the policy began from."""
     from datasets import Dataset
 
     from reward_models.composite import for_run
@@ -111,6 +115,7 @@ def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dic
     from reward_models.trl_funcs import CompositeRewardFunc
     from rlhf.data.simulator import listing_truth
     from rlhf.rl_trainer import RecGRPOTrainer, RecRLOOTrainer
+    from rlhf.rollout import SampledPolicy, build_policy
 
     p = cfg.ppo
     reward = CompositeRewardFunc(
@@ -121,7 +126,7 @@ def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dic
         truth=listing_truth(run.catalog(), run.meta()),
     )
     steps_per_update = p.mini_batches * p.ppo_epochs
-    policy = _policy(sft_path, cfg.model, tokenizer.pad_token_id)
+    policy, start = build_policy(SampledPolicy, sft_path, cfg.model, tokenizer.pad_token_id, init_adapter)
     if p.constrained:  # as PPO's: sampling and every policy forward restricted to each prompt's allowed titles
         from reward_models.encoding import prompt_ids
         from rlhf.constrained import PromptConstraints
@@ -129,19 +134,20 @@ def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dic
         allowed = policy.constraints = PromptConstraints(tokenizer, run.catalog())
         for r in rows:
             allowed.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"])
-    return (RecGRPOTrainer if p.algorithm == "grpo" else RecRLOOTrainer)(
+    trainer = (RecGRPOTrainer if p.algorithm == "grpo" else RecRLOOTrainer)(
         model=policy,
         reward_funcs=[reward],
         args=_trainer_args(cfg, run.ppo, steps_per_update),
         train_dataset=Dataset.from_list([{"prompt": r["prompt"], "row": i} for i, r in enumerate(rows)]),
         processing_class=tokenizer,
-        peft_config=None,  # the LoRA policy is built in _policy (SampledPolicy)
+        peft_config=None,  # the LoRA policy is built above (SampledPolicy)
         stage_cfg=p,
         out=run.ppo,
         reward=reward,
         steps_per_update=steps_per_update,
         merged_rollouts=p.merged_rollouts,
     )
+    return trainer, start
 
 
 def _save(trainer, tokenizer, run: RunDir, cfg: Config, dtype: str) -> dict:
@@ -192,17 +198,6 @@ def _drop_unfinished(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _policy(sft_path: Path, model_cfg, pad_id: int):
-    """RUN_DIR/sft/merged (frozen, in the compute dtype) + a new LoRA adapter (float32)."""
-    from rlhf.models import load_causal_lm, lora_config
-    from rlhf.precision import base_dtype
-    from rlhf.rollout import SampledPolicy
-
-    model = load_causal_lm(str(sft_path), base_dtype(model_cfg), model_cfg.load_in_4bit)
-    model.generation_config.pad_token_id = pad_id
-    return SampledPolicy(model, lora_config(model_cfg))
-
-
 def _trainer_args(cfg: Config, out, steps_per_update: int):
     """TRL's GRPOConfig or RLOOConfig from the ppo section. TRL's generation batch is ``steps_per_generation`` x
     the per-device batch: one mini-batch per Trainer step, no accumulation, ``num_iterations`` passes."""
@@ -231,7 +226,7 @@ def _trainer_args(cfg: Config, out, steps_per_update: int):
         "save_total_limit": 2,
         "disable_dropout": True,  # old, reference and training log-probabilities from the same deterministic forward
         "remove_unused_columns": False,
-        "report_to": [],  # trackers are ours (rlhf/tracking.py)
+        "report_to": [],  # the trackers are ours (rlhf/tracking.py: TrackerCallback), as in PPO
         "seed": cfg.run.seed,
         "gradient_checkpointing": False,
         "dataloader_num_workers": 0,

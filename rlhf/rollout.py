@@ -163,3 +163,53 @@ class SampledPolicy(SamplingPolicy):
         if self.merged_copy is None and self.constraints is None:
             return super().generate(*args, **kwargs)
         return self._sample(*args, **kwargs)
+
+
+def build_policy(policy_cls, sft_path, model_cfg, pad_id: int, init_adapter=None):
+    """The RL policy: RUN_DIR/sft/merged (frozen, in the compute dtype) + a LoRA adapter of class ``policy_cls``, fresh
+    or holding the weights of a saved adapter (``init_adapter``: RL continues from that policy, e.g. the previous
+    round's). The reference stays the SFT model: the same network with the adapter disabled. Without LoRA (PPO only)
+    the plain model. Returns (policy, start): start records the reference and the adapter it began from, with the
+    digest of the weights as loaded."""
+    from rlhf.models import load_causal_lm, lora_config
+    from rlhf.precision import base_dtype
+
+    model = load_causal_lm(str(sft_path), base_dtype(model_cfg), model_cfg.load_in_4bit)
+    model.generation_config.pad_token_id = pad_id
+    start = {"reference": str(sft_path), "init_adapter": None}
+    if not model_cfg.use_lora:
+        return model, start
+    policy = policy_cls(model, lora_config(model_cfg))
+    if init_adapter:
+        start["init_adapter"] = {"path": str(init_adapter), "digest": start_from_adapter(policy, init_adapter)}
+    return policy, start
+
+
+def start_from_adapter(policy, path) -> str:
+    """Copy a saved adapter's LoRA weights into ``policy``'s adapter; every LoRA weight must be matched both ways.
+    Returns the digest of the policy's LoRA weights afterwards (equal to the file's: ``lora_digest``)."""
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from rlhf.models import ModelError
+
+    saved = load_file(str(Path(path) / "adapter_model.safetensors"))
+    set_peft_model_state_dict(policy, saved)
+    own = get_peft_model_state_dict(policy)
+    if set(own) != set(saved):
+        odd = sorted(set(own) ^ set(saved))
+        raise ModelError(f"{path}: its LoRA weights do not match the policy's adapter ({len(odd)} differ: {odd[0]}, …)")
+    return lora_digest(own)
+
+
+def lora_digest(state: dict) -> str:
+    """A digest of LoRA weights by name and float32 value: the same for a policy's adapter and the file it came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        h.update(name.encode())
+        h.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -9,6 +9,8 @@
                             rollouts.jsonl, samples.jsonl, summary.json (any RL algorithm: rlhf/rl.py)
       eval/                 metrics.json, listings.jsonl, report.md, report.html, plots/
       labels/round-NNN/     batch.jsonl, provenance.jsonl, manifest.json, judgments.jsonl, pairs.parquet, summary.json
+      rounds/               `rlhf rounds`: state.json (finished steps), STOP (close the judging), round-NNN/{reward,
+                            ppo,eval}/ (each round's reward model, RL adapter and eval, kept; round-000: the start)
       logs/                 tensorboard/<stage>/, trackio/ (its local store), wandb/ (offline runs): track.report_to
 
 A missing input is a ``MissingInput`` that names the command making it (``RunDir.need``). A stage is done when
@@ -144,6 +146,24 @@ def round_name(round_no: int) -> str:
     return f"round-{round_no:03d}"
 
 
+class RoundSnapshot(_Part):
+    """What one round of `rlhf rounds` kept: copies of reward/, ppo/ and eval/ as the round left them."""
+
+    reward = property(lambda self: RewardFiles(self.dir / "reward"))
+    ppo = property(lambda self: PPOFiles(self.dir / "ppo"))
+    eval = property(lambda self: EvalFiles(self.dir / "eval"))
+
+
+class RoundsFiles(_Part):
+    """`rlhf rounds`: its resume record, the stop file and each round's snapshot (round 0: where the loop began)."""
+
+    state = property(lambda self: self.dir / "state.json")
+    stop = property(lambda self: self.dir / "STOP")
+
+    def round(self, round_no: int) -> RoundSnapshot:
+        return RoundSnapshot(self.dir / round_name(round_no))
+
+
 class LabelFiles(_Part):
     def round(self, round_no: int) -> RoundFiles:
         return RoundFiles(self.dir / round_name(round_no))
@@ -163,6 +183,7 @@ MAKERS = {
     "ppo": "rlhf ppo --run {run}",
     "eval": "rlhf eval --run {run}",
     "labels": "rlhf label export --run {run} --round N",
+    "rounds": "rlhf rounds --run {run} --rounds N",
 }
 
 
@@ -178,6 +199,7 @@ class RunDir:
         self.eval = EvalFiles(self.root / "eval")
         self.labels = LabelFiles(self.root / "labels")
         self.logs = LogFiles(self.root / "logs")
+        self.rounds = RoundsFiles(self.root / "rounds")
 
     def need(self, path: Path) -> Path:
         """``path`` when it exists; otherwise a MissingInput naming the command that makes it."""

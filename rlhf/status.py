@@ -6,7 +6,8 @@
 For each stage (data, sft, reward, ppo, eval): done, interrupted (its folder holds less than the files it writes
 last, e.g. PPO checkpoints without the final adapter) or missing (``RunDir.state``), with its key figures: data
 counts, SFT's valid-listing rate, the reward model's held-out accuracy, PPO's updates and last reward, eval's
-table against the baselines. Then each labeling round, and the next command to run.
+table against the baselines. Then each labeling round, the round table of `rlhf rounds` (rlhf/round_table.py) with
+the step an unfinished loop is at, and the next command to run.
 """
 
 from __future__ import annotations
@@ -149,10 +150,31 @@ def older_than(run: RunDir, stage: str, label_rounds: list[dict]) -> list[str]:
     return newer
 
 
-def next_command(run: RunDir, stages: dict, label_rounds: list[dict]) -> str | None:
-    """The first stage not done (PPO with a checkpoint resumes), else the first one out of date, else a round
-    waiting for judgments or their import. None when nothing is left."""
+def loop_figures(run: RunDir) -> dict | None:
+    """`rlhf rounds`: rounds asked for and done, the step an unfinished round is at (running, or stopped there: the
+    files cannot tell), and the round table."""
+    from rlhf.round_table import round_rows
+
+    rows = round_rows(run)
+    if not rows:
+        return None
+    target = (_run_config(run).get("rounds") or {}).get("rounds")
+    done = sum(1 for row in rows if row["round"] and row["state"] == "done")
+    unfinished = next((row for row in rows if row["state"] != "done"), None)
+    return {
+        "target": target,
+        "done": done,
+        "unfinished": {"round": unfinished["round"], "step": unfinished["state"][3:]} if unfinished else None,
+        "table": rows,
+    }
+
+
+def next_command(run: RunDir, stages: dict, label_rounds: list[dict], loop: dict | None = None) -> str | None:
+    """An unfinished `rlhf rounds` loop (it resumes), else the first stage not done (PPO with a checkpoint resumes),
+    else the first one out of date, else a round waiting for judgments or their import. None when nothing is left."""
     root = run.root
+    if loop and (loop["unfinished"] or (loop["target"] or 0) > loop["done"]):
+        return f"rlhf rounds --run {root} --rounds {max(loop['target'] or 0, loop['done'])}"
     for stage in STAGES:
         info = stages[stage]
         if info["state"] == "done":
@@ -190,12 +212,14 @@ def status(run_dir: Path) -> dict:
     for stage, info in stages.items():
         if info["state"] == "done" and (newer := older_than(run, stage, label_rounds)):
             info["older_than"] = newer
+    loop = loop_figures(run)
     return {
         "run": str(run.root),
         "exists": run.root.is_dir(),
         "stages": stages,
         "rounds": label_rounds,
-        "next": next_command(run, stages, label_rounds),
+        "loop": loop,
+        "next": next_command(run, stages, label_rounds, loop),
         "report": str(run.eval.report_html) if run.eval.report_html.exists() else None,
     }
 
@@ -249,6 +273,7 @@ def render(st: dict) -> str:
         if r["state"] == "imported":
             figures += f", {r.get('pairs')} pairs, Fleiss' kappa {_num(r.get('fleiss_kappa'), 2)}"
         lines.append(f"  labels  round-{r['round']:03d} {r['state']}: {figures}")
+    lines += _render_loop(st.get("loop"))
     ev = st["stages"]["eval"]
     if ev.get("table"):
         names = [f"{row['row']} ({'LLM' if row['kind'] == 'llm' else 'baseline'})" for row in ev["table"]]
@@ -261,6 +286,17 @@ def render(st: dict) -> str:
         lines.append(f"report: {st['report']}")
     lines.append(f"next: {st['next']}" if st["next"] else "next: nothing left to run")
     return "\n".join(lines)
+
+
+def _render_loop(loop: dict | None) -> list[str]:
+    from rlhf.round_table import render as render_table
+
+    if not loop:
+        return []
+    head = f"rounds: {loop['done']} of {_num(loop['target'])} done"
+    if loop["unfinished"]:
+        head += f"; round {loop['unfinished']['round']} unfinished, at step {loop['unfinished']['step']}"
+    return [head, *("  " + line for line in render_table(loop["table"]).splitlines())]
 
 
 def run_status(run_dir, as_json: bool = False) -> int:

@@ -3,7 +3,8 @@ from conftest import TINY, rlhf
 
 from rlhf.cli import build_parser, main
 
-COMMANDS = ("data", "sft", "reward", "ppo", "rl", "eval", "recommend", "label", "export", "pipeline", "status")
+COMMANDS = ("data", "sft", "reward", "ppo", "rl", "eval", "recommend", "label", "rounds", "export", "pipeline")
+COMMANDS += ("status",)
 
 
 def test_every_command_reaches_its_own_stage(tmp_path, capfd):
@@ -24,6 +25,7 @@ def test_every_command_reaches_its_own_stage(tmp_path, capfd):
         (["label", "serve", "--run", run, "--round", "2"], "round-002/batch.jsonl is missing; make it with: rlhf la"),
         (["label", "import", "--run", run, "--round", "3"], "round-003/batch.jsonl is missing"),
         (["label", "simulate", "--run", run, "--round", "2"], "data/meta.json is missing"),
+        (["rounds", "--run", run], "sft/merged is missing; make it with: rlhf sft --run"),
         (["export", "--run", run, "--out", tmp_path / "x"], "sft/merged is missing; make it with: rlhf sft --run"),
     ]
     for argv, says in cases:
@@ -111,6 +113,10 @@ def _config_cases():
         (["label.noise=-1"], "label.noise >= 0"),
         (["label.labelers=0"], "label.labelers must be >= 1"),
         (["label.port=70000"], "label.port=70000 is not a TCP port"),
+        (["rounds.labelers=robots"], "rounds.labelers='robots' is not one of"),
+        (["rounds.rounds=0"], "rounds.rounds must be >= 1"),
+        (["rounds.rl_updates=-1"], "rounds.rl_updates must be >= 0"),
+        (["rounds.deadline_s=-1"], "rounds.deadline_s must be >= 0"),
         (["sft.max_steps=abc"], "sft.max_steps expects int, got 'abc'"),
         (["run.seed=1.5"], "run.seed expects int, got 1.5"),
         (["model.use_lora=maybe"], "model.use_lora expects bool"),

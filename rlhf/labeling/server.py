@@ -175,30 +175,37 @@ def make_app(store: JudgmentStore, tokens: dict[str, str], max_body: int = 16384
     return LabelingAPI(store, max_body).app(tokens)
 
 
+def labeler_tokens(token: str | None = None, tokens_file: str | None = None) -> dict[str, str]:
+    """token -> labeler: the tokens file's, or one labeler "labeler" with ``token`` (default: a random one)."""
+    if tokens_file:
+        return read_tokens(Path(tokens_file))
+    tok = token or secrets.token_urlsafe(18)
+    if len(tok) < MIN_TOKEN:
+        raise ConfigError(f"--token must be at least {MIN_TOKEN} characters")
+    return {tok: "labeler"}
+
+
+def announce(prog: str, lc, tokens: dict[str, str], from_file: bool) -> None:
+    """Each labeler's page address (a token from a file shown only by its first characters); a warning off loopback."""
+    shown_host = f"[{lc.host}]" if ":" in lc.host else lc.host
+    if lc.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"{prog}: warning: listening on {lc.host}; tokens travel in clear text unless a TLS proxy fronts this")
+    for tok, name in tokens.items():
+        shown = tok if not from_file else tok[:3] + "…"
+        print(f"{prog}: {name}: http://{shown_host}:{lc.port}/?token={shown}", flush=True)
+
+
 def run_serve(cfg, run_dir: Path, round_no: int, token: str | None = None, tokens_file: str | None = None) -> None:
     import uvicorn
 
     lc = cfg.label
     batch = Batch.load(run_dir, round_no)
-    if tokens_file:
-        tokens = read_tokens(Path(tokens_file))
-    else:
-        tok = token or secrets.token_urlsafe(18)
-        if len(tok) < MIN_TOKEN:
-            raise ConfigError(f"--token must be at least {MIN_TOKEN} characters")
-        tokens = {tok: "labeler"}
+    tokens = labeler_tokens(token, tokens_file)
     store = JudgmentStore(round_files(run_dir, round_no).judgments, batch)
     if store.recovered_bytes:
         print(f"label serve: cut {store.recovered_bytes} bytes of an unfinished last line (never acknowledged)")
-    shown_host = f"[{lc.host}]" if ":" in lc.host else lc.host
     print(f"label serve: {batch.batch_id}, {len(batch.rows)} prompts, {len(store.judgments())} judgments so far")
-    if lc.host not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"label serve: warning: listening on {lc.host}; tokens travel in clear text unless a TLS proxy fronts this"
-        )
-    for tok, name in tokens.items():
-        shown = tok if not tokens_file else tok[:3] + "…"
-        print(f"label serve: {name}: http://{shown_host}:{lc.port}/?token={shown}")
+    announce("label serve", lc, tokens, bool(tokens_file))
     try:
         uvicorn.run(
             make_app(store, tokens, lc.max_body_bytes),

@@ -32,8 +32,17 @@ def choose(utilities: list[float], grounded: list[int], noise: float, rng: np.ra
 
 
 def run_simulate(cfg, run_dir: Path, round_no: int) -> dict:
-    from rlhf.data.simulator import Simulator
+    """`rlhf label simulate`: the simulated labelers judge the round's batch, then the judgments are imported."""
     from rlhf.labeling.importer import run_import
+
+    judge_simulated(cfg, run_dir, round_no)
+    return run_import(cfg, run_dir, round_no)
+
+
+def judge_simulated(cfg, run_dir: Path, round_no: int) -> dict:
+    """label.labelers simulated labelers judge every prompt of the round's batch into its judgment log (idempotent:
+    a rerun stores nothing twice). Returns what was stored, found already there, and kept from earlier settings."""
+    from rlhf.data.simulator import Simulator
     from rlhf.listing import parse_and_ground
 
     run, lc = RunDir(run_dir), cfg.label
@@ -82,4 +91,4 @@ def run_simulate(cfg, run_dir: Path, round_no: int) -> dict:
         f"label simulate: {lc.labelers} labelers, noise {lc.noise}: {stored} judgments stored, {repeated} already there"
         + (f", {kept} earlier decisions kept (made with other settings)" if kept else "")
     )
-    return run_import(cfg, run_dir, round_no)
+    return {"stored": stored, "repeated": repeated, "kept": kept}
