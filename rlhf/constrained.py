@@ -68,6 +68,7 @@ class Allowed:
 
     trie: TitleTrie
     banned: frozenset = frozenset()
+    k: int | None = None  # after K item lines and a line break only EOS may come (None: no limit)
 
 
 class ListingRule:
@@ -99,6 +100,8 @@ class ListingRule:
     def allowed(self, generated: list[int], allowed: Allowed) -> list[int] | None:
         """None where nothing is constrained (outside an item line, or after its title)."""
         *earlier, line = self._lines(generated)
+        if allowed.k and not line and sum(self._title_tokens(p) is not None for p in earlier) >= allowed.k:
+            return [self.tokenizer.eos_token_id]  # the listing is complete: no second listing after it
         title = self._title_tokens(line)
         if title is None:
             return None  # not in an item line (or still writing the marker)
@@ -176,14 +179,16 @@ class PromptConstraints:
         self.by_prompt: dict[tuple, Allowed] = {}
         self._tries: dict[tuple, TitleTrie] = {}
 
-    def register(self, prompt_ids: list[int], candidate_ids: list[str], history_ids: list[str] = ()) -> None:
+    def register(
+        self, prompt_ids: list[int], candidate_ids: list[str], history_ids: list[str] = (), k: int | None = None
+    ) -> None:
         trie = self.everything.trie
         if candidate_ids:
             key = tuple(sorted(candidate_ids))
             if key not in self._tries:
                 self._tries[key] = TitleTrie.from_items(self.catalog, candidate_ids, self.tokenizer)
             trie = self._tries[key]
-        self.by_prompt[tuple(prompt_ids)] = Allowed(trie, frozenset(history_ids))
+        self.by_prompt[tuple(prompt_ids)] = Allowed(trie, frozenset(history_ids), k)
 
     def _split(self, ids: list[int], keep: list[int]) -> tuple[Allowed, int | None]:
         """(the row's allowed titles, index of its first response token), from the last assistant header."""

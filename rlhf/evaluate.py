@@ -317,7 +317,7 @@ def _eval_stage(users, stage, model, tokenizer, k, cfg, results, per_user, score
 
     ec = cfg.eval
     prompts = [r["prompt"] for r in users.rows]
-    constraints = _constraints(users, tokenizer) if ec.constrained else None
+    constraints = _constraints(users, tokenizer, k) if ec.constrained else None
     t0 = time.time()
     texts = generate(
         model,
@@ -350,14 +350,14 @@ def _eval_stage(users, stage, model, tokenizer, k, cfg, results, per_user, score
     return texts
 
 
-def _constraints(users: HeldOutUsers, tokenizer):
+def _constraints(users: HeldOutUsers, tokenizer, k: int):
     """Each held-out prompt's allowed titles: its candidates in rerank mode, the catalog otherwise."""
     from reward_models.encoding import prompt_ids
     from rlhf.constrained import PromptConstraints
 
     constraints = PromptConstraints(tokenizer, users.catalog)
     for r in users.rows:
-        constraints.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"])
+        constraints.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"], k)
     return constraints
 
 

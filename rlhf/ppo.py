@@ -118,10 +118,11 @@ def _reward_and_constraints(run: RunDir, cfg: Config, tokenizer, rows, ids, poli
         from rlhf.constrained import PromptConstraints
 
         constraints = PromptConstraints(tokenizer, composite.env.catalog)
+    k = run.meta()["k"]
     for r, prompt in zip(rows, ids):
         reward.register(prompt, r["prompt"], _context(r))
         if constraints is not None:
-            constraints.register(prompt, r.get("candidate_ids") or [], r["history_ids"])
+            constraints.register(prompt, r.get("candidate_ids") or [], r["history_ids"], k)
     return reward, constraints
 
 

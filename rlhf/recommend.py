@@ -77,7 +77,7 @@ def recommend(
     constraints = None
     if constrained:  # the prompt's candidates when it offers some, the catalog otherwise
         constraints = PromptConstraints(tokenizer, catalog)
-        constraints.register(prompt_ids(tokenizer, prompt), candidate_ids or [], history_ids)
+        constraints.register(prompt_ids(tokenizer, prompt), candidate_ids or [], history_ids, k)
     text = generate(
         model, tokenizer, [prompt], max_new_tokens=max_new_tokens, batch_size=1, k=k, constraints=constraints
     )[0]

@@ -132,8 +132,9 @@ def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dic
         from rlhf.constrained import PromptConstraints
 
         allowed = policy.constraints = PromptConstraints(tokenizer, run.catalog())
+        k = run.meta()["k"]
         for r in rows:
-            allowed.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"])
+            allowed.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"], k)
     trainer = (RecGRPOTrainer if p.algorithm == "grpo" else RecRLOOTrainer)(
         model=policy,
         reward_funcs=[reward],

@@ -133,3 +133,21 @@ def test_a_listing_cannot_repeat_a_title_or_list_what_the_user_has():
     assert _reachable(rule, banned, start, after) == {ids["Alien"], ids["Aliens"], ids["Fargo"]}
     line1 = tok("1. Alien (1979) — tense\n2.", add_special_tokens=False)["input_ids"]
     assert _reachable(rule, banned, line1, after) == {ids["Aliens"], ids["Fargo"]}  # Alien listed, Heat seen
+
+
+def test_after_k_lines_and_a_line_break_only_eos_may_come():
+    """Sampled rollouts wrote a second listing after the third line ('\n\n1. WALL-E (2008'), which was scored as a
+    fourth, unfinished item: with K set, the token after line K's break is EOS and nothing else."""
+    from rlhf.constrained import Allowed, ListingRule, TitleTrie
+
+    tok = load_tokenizer("tiny")
+    catalog = Catalog.builtin()
+    ids = [catalog.ground(t).item_id for t in ("Alien", "Heat", "Fargo")]
+    trie = TitleTrie.from_items(catalog, ids, tok)
+    rule = ListingRule(tok)
+    two = tok("1. Alien (1979) — tense\n2. Heat (1995) — crime\n", add_special_tokens=False)["input_ids"]
+    assert rule.allowed(two, Allowed(trie, k=2)) == [tok.eos_token_id]
+    assert rule.allowed(two, Allowed(trie, k=3)) is None  # the third line's marker is free text
+    assert rule.allowed(two, Allowed(trie)) is None  # no K: no limit
+    unfinished = two[:-1]  # line 2's explanation may go on until its line break
+    assert rule.allowed(unfinished, Allowed(trie, k=2)) is None
