@@ -41,6 +41,7 @@ Source = Literal["builtin", "movielens-100k", "movielens", "goodbooks", "amazon"
 SplitMethod = Literal["leave-last-out", "temporal"]
 Mode = Literal["generate", "rerank"]
 Protocol = Literal["retrieved", "random"]
+CandidateOrder = Literal["ranked", "shuffled"]
 Retriever = Literal["ease", "itemknn", "popularity", "random"]
 RewardInit = Literal["auto", "sft", "base"]
 BehaviourName = Literal["itemknn", "ease", "popularity", "none"]
@@ -138,6 +139,11 @@ class DataConfig:
         "retrieved",
         "rerank candidates: retrieved = the retriever's own top N (a held-out item it missed is a miss; LlamaRec) "
         "| random = the positive among N-1 random unseen items (LLaRA); training data is built the same way",
+    )
+    candidate_order: CandidateOrder = _f(
+        "ranked",
+        "rerank: the order the prompt lists candidates in: ranked = the retriever's ranking, best first (what a "
+        "production reranker sees; it uses training data only) | shuffled",
     )
     windows: int = _f(
         4, "windows over each training user's history: SFT examples, RL prompts and rating pairs per user"

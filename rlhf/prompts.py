@@ -39,6 +39,7 @@ class PromptBuilder:
         k: int = 5,
         max_prompt_tokens: int = 320,
         noun: str = "films",
+        ranked: bool = False,
     ):
         folder = PROMPTS_DIR / template
         if not folder.is_dir():
@@ -52,7 +53,7 @@ class PromptBuilder:
         self.system_t = env.get_template("system.j2")
         self.user_t = env.get_template("user.j2")
         self.catalog, self.tokenizer, self.template, self.k = catalog, tokenizer, template, k
-        self.max_prompt_tokens, self.noun = max_prompt_tokens, noun
+        self.max_prompt_tokens, self.noun, self.ranked = max_prompt_tokens, noun, ranked
 
     def _item_view(self, item_id: str, rating: float | None = None) -> dict:
         it = self.catalog[item_id]
@@ -82,7 +83,11 @@ class PromptBuilder:
                 {
                     "role": "user",
                     "content": self.user_t.render(
-                        history=[self._item_view(i, r) for i, r in hist], candidates=cands, k=self.k, noun=self.noun
+                        history=[self._item_view(i, r) for i, r in hist],
+                        candidates=cands,
+                        ranked=self.ranked,
+                        k=self.k,
+                        noun=self.noun,
                     ).strip(),
                 },
             ]

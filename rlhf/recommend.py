@@ -72,7 +72,14 @@ def recommend(
         )
     model, tokenizer = loaded
     if prompt is None or k != meta["k"]:
-        builder = PromptBuilder(catalog, tokenizer, k=k, noun=meta["noun"], max_prompt_tokens=meta["max_prompt_tokens"])
+        builder = PromptBuilder(
+            catalog,
+            tokenizer,
+            k=k,
+            noun=meta["noun"],
+            max_prompt_tokens=meta["max_prompt_tokens"],
+            ranked=meta.get("candidate_order") == "ranked",
+        )
         prompt = builder.messages([(i, None) for i in history_ids])
     constraints = None
     if constrained:  # the prompt's candidates when it offers some, the catalog otherwise

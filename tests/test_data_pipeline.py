@@ -162,9 +162,10 @@ def test_rerank_mode_with_random_candidates(tmp_path):
         "random",
         "--num-candidates",
         "8",
+        "data.candidate_order=shuffled",
     )
     meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["mode"] == "rerank" and meta["protocol"] == "random"
+    assert meta["mode"] == "rerank" and meta["protocol"] == "random" and meta["candidate_order"] == "shuffled"
     rows = pq.read_table(run / "data" / "prompts" / "test.parquet").to_pylist()
     positions = set()
     for r in rows:
@@ -172,7 +173,7 @@ def test_rerank_mode_with_random_candidates(tmp_path):
         assert len(cands) == 8 and len(set(cands)) == 8
         assert set(r["heldout_ids"]) <= set(cands)
         assert not set(cands) & set(r["history_ids"])
-        assert "<candidates>" in r["prompt"][1]["content"]
+        assert "<candidates>" in r["prompt"][1]["content"] and "best first" not in r["prompt"][1]["content"]
         positions.add(cands.index(r["heldout_ids"][0]))
     assert len(positions) > 2  # shuffled: the answer is not always in the same slot
     sft = pq.read_table(run / "data" / "sft" / "train.parquet").to_pylist()
@@ -192,7 +193,7 @@ def test_rerank_mode_with_random_candidates(tmp_path):
 def test_rerank_retrieved_protocol_injects_nothing(tmp_path):
     """LlamaRec's protocol (the default): a held-out user's candidates are exactly the retriever's own top N for
     their history, so a held-out item the retriever missed is a miss, never slipped in; SFT targets come from the
-    candidates a prompt offers; training prompts carry the user's next items as their future."""
+    candidates a prompt offers, listed in the retriever's ranking; training prompts carry the user's next items as their future."""
     from conftest import TINY, rlhf
 
     from rlhf import baselines
@@ -208,8 +209,11 @@ def test_rerank_retrieved_protocol_injects_nothing(tmp_path):
     )
     rows = pq.read_table(run / "data" / "prompts" / "test.parquet").to_pylist()
     missed = 0
-    for r in rows:
-        assert sorted(r["candidate_ids"]) == sorted(ease.recommend(r["history_ids"], 8))
+    for r in rows:  # in the retriever's ranking, best first (data.candidate_order=ranked, the default)
+        assert r["candidate_ids"] == ease.recommend(r["history_ids"], 8)
+        assert "Pick only from these candidates (a recommender's ranking, best first):" in r["prompt"][1]["content"]
+        shown = [line for line in r["prompt"][1]["content"].split("<candidates>")[1].splitlines() if line[:2] == "- "]
+        assert [cat.ground(line.split('"')[1]).item_id for line in shown] == r["candidate_ids"]
         missed += not set(r["heldout_ids"]) & set(r["candidate_ids"])
     assert missed > 0  # some held-out items were not retrieved, and stay out
     train = pq.read_table(run / "data" / "prompts" / "train.parquet").to_pylist()

@@ -87,7 +87,8 @@ class BuildEnv:
         )
 
     def candidates(self, history_ids: list[str], include: list[str] = ()) -> list[str] | None:
-        """Rerank mode: the candidate set a prompt offers (None in generate mode), shuffled. ``include`` are items
+        """Rerank mode: the candidate set a prompt offers (None in generate mode), in
+        data.candidate_order. ``include`` are items
         that must be offered: the positive in the random protocol, both sides of a preference pair in either."""
         if self.cfg.mode != "rerank":
             return None
@@ -100,6 +101,9 @@ class BuildEnv:
             fill = [c for c in self.retriever.recommend(history_ids, n, exclude=keep)][: n - len(keep)]
         cands = keep + [str(c) for c in fill]
         self.rng.shuffle(cands)
+        if self.cfg.candidate_order == "ranked":  # the retriever's ranking of the set (ties: the shuffled order)
+            ranked = [str(c) for c in self.retriever.recommend(history_ids, len(cands), candidates=cands)]
+            cands = ranked + [c for c in cands if c not in ranked]
         return cands
 
 

@@ -118,6 +118,7 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         k=cfg.k,
         noun=NOUNS.get(cfg.source, "items"),
         max_prompt_tokens=cfg.max_prompt_tokens,
+        ranked=cfg.candidate_order == "ranked",
     )
     env = build.BuildEnv(cfg, catalog, builder, retriever, rng)
     by_role = {r: [u for u in splits if u.split == r] for r in ("train", "val", "test")}
@@ -135,6 +136,7 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         "k": cfg.k,
         "mode": cfg.mode,
         "protocol": cfg.protocol if cfg.mode == "rerank" else None,
+        "candidate_order": cfg.candidate_order if cfg.mode == "rerank" else None,
         "noun": builder.noun,
         "template": builder.template,
         "retriever": retriever.name,
