@@ -95,17 +95,32 @@ def _variants(export: Path, manifest: dict) -> list[tuple[str, Path, Path | None
 
 
 def _reference(run_dir: Path, cfg, stage: str, rows: list[dict], k: int, max_new_tokens: int) -> list[str]:
-    """What `rlhf recommend` writes for each row's prompt (greedy, the run's dtype), the model loaded once."""
-    from rlhf.evaluate import load_stage_model
+    """What `rlhf recommend` writes for each row's prompt (greedy, in cfg.model.dtype), the model loaded once."""
+    from rlhf.models import load_stage
+    from rlhf.precision import resolve
     from rlhf.recommend import recommend
 
-    loaded = load_stage_model(run_dir, stage, cfg.model)
+    loaded = load_stage(run_dir, stage, cfg.model, resolve(cfg.model, "recommend"))
     return [
         recommend(
             run_dir, cfg.model, stage, r["history_ids"], k, False, max_new_tokens, prompt=r["prompt"], loaded=loaded
         )["text"]
         for r in rows
     ]
+
+
+def _first_k_lines(text: str, k: int) -> str:
+    """The text up to its K-th item line's end: where `rlhf recommend` stops (generation.ListingStop); llama.cpp
+    stops only at EOS, and a model that writes on after its listing would otherwise never match."""
+    from rlhf.generation import _ITEM_LINE
+
+    lines, items = [], 0
+    for line in text.split("\n"):
+        lines.append(line)
+        items += bool(_ITEM_LINE.match(line))
+        if items >= k:
+            break
+    return "\n".join(lines)
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -119,7 +134,7 @@ def _render(tokenizer, messages: list[dict]) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def _check(backend, label: str, model: Path, lora: Path | None, rows, refs, tokenizer, args) -> None:
+def _check(backend, label: str, model: Path, lora: Path | None, rows, refs, tokenizer, args, k: int) -> None:
     """One GGUF model (and LoRA) against `rlhf recommend`'s listings; prints one line."""
     module, runner = backend
     llm = runner(module, model, lora, args.threads, args.n_ctx)
@@ -132,7 +147,7 @@ def _check(backend, label: str, model: Path, lora: Path | None, rows, refs, toke
         t0 = time.perf_counter()
         text, n = llm.chat(row["prompt"], args.max_new_tokens)
         seconds, tokens = seconds + time.perf_counter() - t0, tokens + n
-        text = text.strip()
+        text = _first_k_lines(text, k).strip()
         matches += text == ref
         if text != ref and args.verbose:
             at = _common_prefix(text, ref)
@@ -155,6 +170,11 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, help="default: the export's max_new_tokens")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--n-ctx", type=int, default=2048)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        help="rlhf recommend's model.dtype (float32: the precision the export holds; auto: the run's bf16 on CPU)",
+    )
     p.add_argument("--verbose", action="store_true", help="print where each mismatch starts")
     args = p.parse_args()
     backend = _backend()
@@ -168,7 +188,7 @@ def main() -> None:
     if manifest.get("format") != "gguf":
         raise SystemExit(f"{export / 'rec_rlhf.json'}: format is {manifest.get('format')!r}; export with --format gguf")
     run_dir = Path(args.run or manifest["run"])
-    cfg = load_config(args.config or (run_dir / "config.yaml"))
+    cfg = load_config(args.config or (run_dir / "config.yaml"), [f"model.dtype={args.dtype}"])
     run, stage = RunDir(run_dir), manifest["stage"]
     args.max_new_tokens = args.max_new_tokens or manifest["max_new_tokens"]
     rows = run.rows(run.data.prompts("test"))[: args.users]
@@ -179,7 +199,7 @@ def main() -> None:
     )
     refs = _reference(run_dir, cfg, stage, rows, run.meta()["k"], args.max_new_tokens)
     for label, model, lora in _variants(export, manifest):
-        _check(backend, label, model, lora, rows, refs, tokenizer, args)
+        _check(backend, label, model, lora, rows, refs, tokenizer, args, run.meta()["k"])
 
 
 if __name__ == "__main__":

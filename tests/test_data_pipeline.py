@@ -193,7 +193,8 @@ def test_rerank_mode_with_random_candidates(tmp_path):
 def test_rerank_retrieved_protocol_injects_nothing(tmp_path):
     """LlamaRec's protocol (the default): a held-out user's candidates are exactly the retriever's own top N for
     their history, so a held-out item the retriever missed is a miss, never slipped in; SFT targets come from the
-    candidates a prompt offers, listed in the retriever's ranking; training prompts carry the user's next items as their future."""
+    candidates a prompt offers, listed in the retriever's ranking; training prompts carry the user's next items as
+    their future."""
     from conftest import TINY, rlhf
 
     from rlhf import baselines
