@@ -365,6 +365,27 @@ def test_behaviour_term_by_hand():
     assert np.allclose(again.percentiles(["a"], [5.0]), pct, equal_nan=True)
 
 
+def test_behaviour_term_among_candidates_spans_the_choice():
+    """With a prompt's candidates the percentile is among them: the best of {c, d, e} scores 1 and the worst 0, as
+    the whole catalog's ranking of the three would not (there they share the bottom of a 4-item ranking), and an item
+    outside the candidates earns nothing."""
+    from reward_models.terms.behaviour import listing_value
+
+    model = _tiny_behaviour()
+    whole = model.percentiles(["a"], [5.0])
+    among = model.percentiles(["a"], [5.0], ["c", "d", "e"])
+    ranked = sorted(["c", "d", "e"], key=lambda i: -whole[model.index[i]])
+    assert [among[model.index[i]] for i in ranked] == [1.0, 0.5, 0.0]
+    assert np.isnan(among[model.index["b"]]) and np.isnan(among[model.index["a"]])  # not offered; seen
+    assert max(whole[model.index[i]] for i in ranked) < 1.0  # b, the catalog's best, is not among them
+    ideal = 1 + 1 / math.log2(3)
+    top = listing_value(model, ranked[:2], ["a"], 2, ratings=[5.0], candidates=["c", "d", "e"])
+    assert top == pytest.approx((1.0 + 0.5 / math.log2(3)) / ideal)
+    assert listing_value(model, ["b", ranked[0]], ["a"], 2, ratings=[5.0], candidates=["c", "d", "e"]) == (
+        pytest.approx(1.0 / math.log2(3) / ideal)
+    )
+
+
 def test_next_item_term_by_hand(catalog):
     """On a training prompt, credit for listing what the user rated next, shaped by rank; none without a future."""
     from reward_models.terms import PromptContext, RewardEnv

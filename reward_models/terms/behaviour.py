@@ -6,7 +6,10 @@ history it scores every catalog item as the sum of the history items' rows, each
 of it: ``rating - RATING_CENTER`` where the history is rated (a 1/5 pushes its neighbours down, a 5/5 up), 1 where it
 is not. The classic baselines in eval weigh every history item 1; the ratings make the model more personal
 (bench/behaviour_probe.py). An unseen item's *percentile* is the share of the user's other unseen items that score
-below it (1.0 = the model's first choice for this user, 0.5 = a median item).
+below it (1.0 = the model's first choice for this user, 0.5 = a median item). Where the prompt offers candidates
+(rerank mode) the percentile is among the candidates the user has not seen: the choice the listing actually makes.
+A retriever's top N all sit near the top of the whole catalog (percentiles 0.9-1.0 on the demo), so a percentile
+among the catalog barely tells a good pick among them from a poor one.
 
 The term is the position-weighted (DCG) mean percentile of the listing's first K entries, normalised to [0, 1]:
 ``sum_r pct(item_r)^power / log2(r + 1)`` over the ideal ``sum_r 1 / log2(r + 1)``. Made-up titles, repeats and
@@ -81,15 +84,20 @@ class BehaviourModel:
         rows, w = zip(*kept)
         return np.asarray(w, dtype=np.float32) @ self.matrix[list(rows)] + self.bias
 
-    def percentiles(self, history_ids: list[str], ratings: list | None = None) -> np.ndarray:
-        """Per catalog item, its percentile among the user's unseen items (NaN for items already seen)."""
-        key = (tuple(history_ids), tuple(ratings or ()))
+    def percentiles(self, history_ids: list[str], ratings: list | None = None, among=None) -> np.ndarray:
+        """Per catalog item, its percentile among the user's unseen items, or among the unseen items of ``among``
+        (a prompt's candidates) when given; NaN for items already seen and, with ``among``, items outside it."""
+        key = (tuple(history_ids), tuple(ratings or ()), tuple(among or ()))
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         s = self.scores(history_ids, ratings).astype(np.float64)
         seen = np.zeros(len(s), dtype=bool)
         seen[[self.index[i] for i in history_ids if i in self.index]] = True
+        if among:
+            outside = np.ones(len(s), dtype=bool)
+            outside[[self.index[i] for i in among if i in self.index]] = False
+            seen |= outside
         unseen = np.flatnonzero(~seen)
         pct = np.full(len(s), np.nan)
         if len(unseen) > 1:
@@ -106,11 +114,17 @@ class BehaviourModel:
 
 
 def listing_value(
-    model: BehaviourModel, item_ids: list, history_ids: list[str], k: int, power: float = 1.0, ratings=None
+    model: BehaviourModel,
+    item_ids: list,
+    history_ids: list[str],
+    k: int,
+    power: float = 1.0,
+    ratings=None,
+    candidates=None,
 ) -> float:
-    """DCG of the first K items' percentiles (to ``power``) over the ideal, in [0, 1]; None, repeats and seen
-    items earn nothing."""
-    pct = model.percentiles(history_ids, ratings)
+    """DCG of the first K items' percentiles (to ``power``; among ``candidates`` where given) over the ideal, in
+    [0, 1]; None, repeats, seen items and items outside the candidates earn nothing."""
+    pct = model.percentiles(history_ids, ratings, candidates)
     got, used = 0.0, set()
     for rank, item in enumerate(item_ids[:k], 1):
         j = model.index.get(item) if item is not None else None
@@ -129,7 +143,15 @@ def score(env, prompts, completions, contexts) -> list[float]:
             continue
         items = [e.item_id for e in parse_and_ground(text, env.catalog)]
         out.append(
-            listing_value(env.behaviour, items, ctx.history_ids, env.k, env.behaviour_power, ctx.history_ratings)
+            listing_value(
+                env.behaviour,
+                items,
+                ctx.history_ids,
+                env.k,
+                env.behaviour_power,
+                ctx.history_ratings,
+                ctx.candidate_ids or None,
+            )
         )
     return out
 
