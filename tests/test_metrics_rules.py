@@ -83,6 +83,14 @@ def test_reward_vs_truth_by_hand():
             "has_k": pytest.approx(M.pearson([1.0, 1.0, 0.0, 1.0, 0.5], util)),
         },
         "n": 5,
+        "by_stage": {  # each stage on its own listings; two listings are too few for a correlation
+            "sft": {
+                "reward": pytest.approx(M.pearson([1.0, 2.0, 4.0], [0.0, 0.5, 1.0])),
+                "learned": pytest.approx(M.pearson([0.0, 2.0, 2.0], [0.0, 0.5, 1.0])),
+                "n": 3,
+            },
+            "ppo": {"reward": None, "learned": None, "n": 2},
+        },
     }
     assert got["rules"] == pytest.approx(1.16 / (3.2 * 0.568) ** 0.5)  # centred sums by hand: cov, var, var
     no_sim = {"sft": {"reward": [1.0]}}

@@ -298,7 +298,8 @@ def test_eval_writes_metrics_report_and_plots(tiny_eval):
         m["stages"]["ppo"]["true_utility"] - m["baselines"]["popularity"]["true_utility"]
     )
     truth = m["reward_vs_truth"]  # composite reward and its parts against the simulator's utility, per listing
-    assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "terms", "n"}
+    assert truth["n"] == 3 * m["users"] and set(truth) == {"reward", "learned", "rules", "terms", "n", "by_stage"}
+    assert {s: v["n"] for s, v in truth.pop("by_stage").items()} == {s: m["users"] for s in ("base", "sft", "ppo")}
     terms = {n.removeprefix("reward/") for n in m["stages"]["ppo"] if n.startswith("reward/")} - {"reward"}
     assert set(truth["terms"]) == terms and {"learned", "has_k", "in_catalog"} <= terms  # each term on its own
     expected = _reward_vs_truth_from_listings(tiny_eval, m)
