@@ -216,3 +216,17 @@ def test_k_beyond_half_the_catalog_is_refused_before_anything_is_written(tmp_pat
     proc = rlhf("data", "prepare", "--out", tmp_path / "run", "--config", TINY, "data.k=300", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "data.k=300 asks for more items than the catalog can give a user (444 items)" in proc.stderr
+
+
+def test_after_a_prepare_the_stages_need_no_config(tmp_path):
+    """The recipe given to `rlhf data prepare` is stored in the run: `rlhf sft --run R` alone trains the tiny model
+    for the tiny recipe's 4 steps (the defaults would load SmolLM2 and train 20)."""
+    import json
+
+    run = tmp_path / "run"
+    rlhf("data", "prepare", "--out", run, "--config", TINY)
+    rlhf("sft", "--run", run)
+    metrics = json.loads((run / "sft" / "metrics.json").read_text())
+    assert metrics["steps"] == 4
+    config = json.loads((run / "sft" / "merged" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2
