@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -47,3 +48,17 @@ def resolve_dtype(value: str) -> str:
     import torch
 
     return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+def scratch_run(source: Path, work: Path, links=("data", "sft", "reward"), copies=()) -> Path:
+    """A throwaway run in ``work`` that shares ``source``'s finished stages: ``links`` as symlinks (read only by the
+    benchmark), ``copies`` copied (the parts it rewrites; resume records left out), and its resolved config.yaml."""
+    work.mkdir(parents=True)
+    for part in links:
+        (work / part).symlink_to((source / part).resolve())
+    for part in copies:
+        if (source / part).exists():
+            shutil.copytree(source / part, work / part, ignore=shutil.ignore_patterns("checkpoints", "trainer"))
+    if (source / "config.yaml").exists():
+        shutil.copy(source / "config.yaml", work / "config.yaml")
+    return work

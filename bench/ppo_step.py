@@ -2,34 +2,37 @@
 TRL 1.12 PPOTrainer with the same policy, batch, response length and epochs.
 
     python bench/ppo_step.py --run runs/demo [--updates 4] [--batch 8] [--response-length 96] [--skip-plain]
+                             [--dtype auto] [--plain-dtype float32]
 
 Needs a run with data/, sft/merged and reward/model (e.g. after `make demo`). "Plain" is what a user gets
 from TRL directly: LoRA policy on the SFT model, the full reward model as reward, and a full copy of it,
 trained in full, as value model. Ours: the composite reward (learned RM + rule terms) and a LoRA value
 model (`ppo.value_layers` to truncate it). Prints medians over the updates after the first (warm-up),
 peak resident memory of each process, and as its last line `ratio ours/plain = X.XX`.
+
+Each side runs as its user would run it: ours at `model.dtype` --dtype (default auto: what `rlhf ppo` resolves
+on this machine, bf16 on a CPU with AMX / AVX-512 BF16), plain TRL at --plain-dtype (default float32: TRL's own
+default, which is what a user gets without asking).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, add_dtype_arg, device, resolve_dtype, run_child
+from _common import ROOT, device, run_child, scratch_run
+
+from rlhf.precision import DTYPES, resolved
 
 
 def ours(run: Path, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp) / "run"
-        work.mkdir()
-        for part in ("data", "sft", "reward"):
-            os.symlink((run / part).resolve(), work / part)
+        work = scratch_run(run, Path(tmp) / "run")
         cmd = [
             sys.executable,
             "-m",
@@ -81,7 +84,7 @@ def plain(run: Path, args) -> dict:
                 str(args.mini_batches),
                 tmp,
                 str(args.temperature),
-                args.dtype,
+                args.plain_dtype,
             ]
         )
         if proc.returncode:
@@ -107,13 +110,17 @@ def main() -> None:
     p.add_argument("--response-length", type=int, default=96)
     p.add_argument("--value-layers", type=int, default=6)
     p.add_argument("--temperature", type=float, default=0.5, help="rollout temperature, the same for both")
-    add_dtype_arg(p)
+    p.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="ours: model.dtype (auto: as `rlhf ppo` resolves it here)"
+    )
+    p.add_argument("--plain-dtype", default="float32", choices=["float32", "bfloat16"], help="plain TRL's dtype")
     p.add_argument("--skip-plain", action="store_true")
     args = p.parse_args()
-    args.dtype = resolve_dtype(args.dtype)
     run = Path(args.run)
+    ours_dtype, why = resolved(args.dtype)
     print(
-        f"machine: {device()}; {args.dtype}; batch {args.batch} x {args.response_length} new tokens, "
+        f"machine: {device()}; ours {ours_dtype} ({why}), plain {args.plain_dtype}; "
+        f"batch {args.batch} x {args.response_length} new tokens, "
         f"{args.epochs} epochs x {args.mini_batches} mini-batches, {args.updates} updates (first is warm-up)"
     )
     a = ours(run, args)

@@ -27,17 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import device, run_child
-
-
-def scratch_run(source: Path, work: Path) -> Path:
-    """A run that shares ``source``'s data, SFT and reward stages (links) and copies its resolved config."""
-    work.mkdir(parents=True)
-    for part in ("data", "sft", "reward"):
-        (work / part).symlink_to((source / part).resolve())
-    if (source / "config.yaml").exists():
-        shutil.copy(source / "config.yaml", work / "config.yaml")
-    return work
+from _common import device, run_child, scratch_run
 
 
 def train_and_eval(algo: str, work: Path, args) -> dict:

@@ -28,20 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import device, run_child
+from _common import device, run_child, scratch_run
 from rl_compare import per_user_truth, pm
-
-
-def scratch(source: Path, work: Path, copies: tuple[str, ...]) -> Path:
-    """A run linking ``source``'s data and SFT model, with copies of ``copies`` (the parts the arm rewrites)."""
-    work.mkdir(parents=True)
-    for part in ("data", "sft"):
-        (work / part).symlink_to((source / part).resolve())
-    for part in copies:
-        if (source / part).exists():
-            shutil.copytree(source / part, work / part, ignore=shutil.ignore_patterns("checkpoints", "trainer"))
-    shutil.copy(source / "config.yaml", work / "config.yaml")
-    return work
 
 
 def rlhf(*args, config: str | None) -> float:
@@ -86,12 +74,12 @@ def compare(source: Path, root: Path, args, total: int) -> dict:
     from rlhf.runs import RunDir
 
     started = (source / "ppo" / "summary.json").exists() and (source / "ppo" / "adapter").exists()
-    arm = scratch(source, root / "rounds", ("reward", "ppo", "labels"))
+    arm = scratch_run(source, root / "rounds", ("data", "sft"), ("reward", "ppo", "labels"))
     print(f"rounds: {args.rounds} rounds in {arm} ...", flush=True)
     loop = ["--rounds", args.rounds, f"rounds.rl_updates={args.updates}", "rounds.labelers=simulated"]
     rounds_s = rlhf("rounds", "--run", arm, *loop, *args.overrides, config=args.config)
     rows = round_rows(RunDir(arm))
-    other = scratch(source, root / "updates", ("reward", "labels"))
+    other = scratch_run(source, root / "updates", ("data", "sft"), ("reward", "labels"))
     init = ["--init-adapter", (source / "ppo" / "adapter").resolve()] if started else []
     print(f"updates: {total} updates in {other} ...", flush=True)
     updates_s = rlhf("rl", "--run", other, *init, f"ppo.total_updates={total}", *args.overrides, config=args.config)

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import ROOT, device, run_child
+from _common import ROOT, device, run_child, scratch_run
 
 STAGES = ("sft", "reward", "ppo", "eval", "recommend")
 
@@ -35,8 +34,7 @@ def _rlhf(args: list[str]) -> float:
 
 def _chain(run: Path, work: Path, dtype: str, a) -> dict:
     """Train and time every stage once in ``dtype`` inside ``work``; returns the row of the table."""
-    work.mkdir()
-    os.symlink((run / "data").resolve(), work / "data")
+    scratch_run(run, work, links=("data",))
     common = ["--run", str(work), "--config", a.config, f"model.dtype={dtype}"]
     row = {}
     peak = _rlhf(["sft", *common, f"sft.max_steps={a.sft_steps}", "sft.num_samples=1", "sft.logging_steps=1"])

@@ -76,7 +76,8 @@ def _cuda() -> bool:
 
 
 @cache
-def _resolved(requested: str) -> tuple[str, str]:
+def resolved(requested: str) -> tuple[str, str]:
+    """(dtype, why) for ``model.dtype=requested`` on this machine (cached: the hardware does not change)."""
     import torch
 
     cuda = torch.cuda.is_available()
@@ -87,7 +88,7 @@ def resolve(model_cfg, stage: str | None = None) -> str:
     """The compute dtype for ``model_cfg.dtype`` on this machine; with ``stage``, prints what was chosen and why.
     Every stage that runs a model calls it before loading one, so a setting the hardware cannot run stops here."""
     check_hardware(model_cfg)
-    dtype, why = _resolved(model_cfg.dtype)
+    dtype, why = resolved(model_cfg.dtype)
     if stage:  # on stderr: `rlhf recommend --json` keeps stdout to its JSON
         print(f"{stage}: computing in {dtype} (model.dtype={model_cfg.dtype}: {why})", file=sys.stderr, flush=True)
     return dtype
