@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from transformers import TrainerCallback
+
 
 class TimeBudget:
     def __init__(self, seconds: float):
@@ -24,3 +26,14 @@ class TimeBudget:
         if accelerator.num_processes > 1:
             broadcast_object_list(answer, from_process=0)
         return answer[0]
+
+
+class BudgetCallback(TrainerCallback):
+    """A trainer callback that holds the trainer and its ``ppo.max_seconds`` budget, started when training starts
+    (not when the trainer was built: loading and a resume come first). Subclasses decide what a spent budget does."""
+
+    def __init__(self, trainer):
+        self.trainer, self.budget = trainer, TimeBudget(trainer.stage_cfg.max_seconds)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.budget.restart()

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import TrainerCallback, get_scheduler
+from transformers import get_scheduler
 from trl.experimental.ppo import PPOTrainer
 
 from rlhf import checkpoint
-from rlhf.budget import TimeBudget
+from rlhf.budget import BudgetCallback
 from rlhf.models import gpu_peak_gb, head_in_fp32
 from rlhf.rollout import PPOPolicy
 
@@ -40,15 +40,9 @@ class BudgetSpent(Exception):
     """Raised after the update during which ``ppo.max_seconds`` ran out (TRL fix 5)."""
 
 
-class CheckpointEvery(TrainerCallback):
+class CheckpointEvery(BudgetCallback):
     """Saves a resume record every ``ppo.checkpoint_every`` updates, after the last one and when the time budget is
     spent (then ends training: TRL fix 5)."""
-
-    def __init__(self, trainer: RecPPOTrainer):
-        self.trainer, self.budget = trainer, TimeBudget(trainer.stage_cfg.max_seconds)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.budget.restart()
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer

@@ -29,10 +29,9 @@ import os
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback
 from trl import GRPOTrainer, RLOOTrainer
 
-from rlhf.budget import TimeBudget
+from rlhf.budget import BudgetCallback
 from rlhf.models import gpu_peak_gb
 from rlhf.rollout import SampledPolicy
 from rlhf.runs import atomic_write, fsync_dir
@@ -66,15 +65,9 @@ def latest_complete(root: Path) -> tuple[Path, dict] | None:
     return path, json.loads((path / COMPLETE).read_text())
 
 
-class UpdateBoundaries(TrainerCallback):
+class UpdateBoundaries(BudgetCallback):
     """Stops training at the first update boundary past ``ppo.max_seconds`` and marks each saved checkpoint
     complete once every rank has written its part."""
-
-    def __init__(self, trainer: GroupRLMixin):
-        self.trainer, self.budget = trainer, TimeBudget(trainer.stage_cfg.max_seconds)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.budget.restart()
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
