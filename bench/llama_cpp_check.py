@@ -109,20 +109,6 @@ def _reference(run_dir: Path, cfg, stage: str, rows: list[dict], k: int, max_new
     ]
 
 
-def _first_k_lines(text: str, k: int) -> str:
-    """The text up to its K-th item line's end: where `rlhf recommend` stops (generation.ListingStop); llama.cpp
-    stops only at EOS, and a model that writes on after its listing would otherwise never match."""
-    from rlhf.generation import _ITEM_LINE
-
-    lines, items = [], 0
-    for line in text.split("\n"):
-        lines.append(line)
-        items += bool(_ITEM_LINE.match(line))
-        if items >= k:
-            break
-    return "\n".join(lines)
-
-
 def _common_prefix(a: str, b: str) -> int:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -135,7 +121,10 @@ def _render(tokenizer, messages: list[dict]) -> str:
 
 
 def _check(backend, label: str, model: Path, lora: Path | None, rows, refs, tokenizer, args, k: int) -> None:
-    """One GGUF model (and LoRA) against `rlhf recommend`'s listings; prints one line."""
+    """One GGUF model (and LoRA) against `rlhf recommend`'s listings; prints one line. llama.cpp stops only at EOS:
+    its text is cut where `rlhf recommend` stops, after the K-th item line."""
+    from rlhf.generation import first_k_item_lines
+
     module, runner = backend
     llm = runner(module, model, lora, args.threads, args.n_ctx)
     matches, tokens, seconds, same_ids = 0, 0, 0.0, []
@@ -147,7 +136,7 @@ def _check(backend, label: str, model: Path, lora: Path | None, rows, refs, toke
         t0 = time.perf_counter()
         text, n = llm.chat(row["prompt"], args.max_new_tokens)
         seconds, tokens = seconds + time.perf_counter() - t0, tokens + n
-        text = _first_k_lines(text, k).strip()
+        text = first_k_item_lines(text, k).strip()
         matches += text == ref
         if text != ref and args.verbose:
             at = _common_prefix(text, ref)

@@ -15,6 +15,23 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 _ITEM_LINE = re.compile(r"^\s*(?:\d{1,2}\s*[.)]|[-*•])\s+\S")
 
 
+def is_item_line(line: str) -> bool:
+    """A numbered or bulleted line with text after its marker: what ListingStop counts as one of the K items."""
+    return bool(_ITEM_LINE.match(line))
+
+
+def first_k_item_lines(text: str, k: int) -> str:
+    """``text`` up to the end of its K-th item line: where generation with ``k`` stops (ListingStop), for text from
+    a generator that stops only at EOS (llama.cpp)."""
+    lines, items = [], 0
+    for line in text.split("\n"):
+        lines.append(line)
+        items += is_item_line(line)
+        if items >= k:
+            break
+    return "\n".join(lines)
+
+
 _NEWLINE_IDS: dict[tuple, frozenset] = {}
 
 
@@ -43,7 +60,7 @@ class ListingStop(StoppingCriteria):
             if token in self.newlines:
                 line = self.tokenizer.decode(input_ids[row, self.line_start[row] : end])
                 self.line_start[row] = end
-                self.items[row] += bool(_ITEM_LINE.match(line))
+                self.items[row] += is_item_line(line)
             done[row] = self.items[row] >= self.k
         return done
 

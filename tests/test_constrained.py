@@ -151,3 +151,20 @@ def test_after_k_lines_and_a_line_break_only_eos_may_come():
     assert rule.allowed(two, Allowed(trie)) is None  # no K: no limit
     unfinished = two[:-1]  # line 2's explanation may go on until its line break
     assert rule.allowed(unfinished, Allowed(trie, k=2)) is None
+
+
+def test_listing_stop_ends_where_first_k_item_lines_cuts():
+    """Generation with ``k`` stops after the K-th item line's newline, and first_k_item_lines (llama.cpp's text in
+    bench/llama_cpp_check.py) cuts an EOS-only text at the same line: prose and blank lines are not items."""
+    from rlhf.generation import ListingStop, first_k_item_lines
+
+    tok = load_tokenizer(resolve_model("tiny"))
+    text = "Here you go:\n\n1. Alien (1979) — sci-fi\n2) Heat (1995) — crime\n- Up (2009) — animation\n4. Extra\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    prompt = tok("Recommend", add_special_tokens=False)["input_ids"]
+    for k, cut in ((1, 3), (2, 4), (3, 5)):
+        stop = ListingStop(tok, len(prompt), k, batch=1)
+        at = next(n for n in range(1, len(ids) + 1) if stop(torch.tensor([prompt + ids[:n]]), None)[0])
+        written = tok.decode(ids[:at])
+        assert written.rstrip("\n") == first_k_item_lines(text, k) == "\n".join(text.split("\n")[:cut])
+        assert written.endswith("\n")  # the K-th line is complete before generation stops
