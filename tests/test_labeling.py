@@ -10,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, read_jsonl, rlhf
+from conftest import ROOT, TINY, free_port, read_jsonl, rlhf
 
 N_LABELERS, PER_LABELER = 50, 20
 
@@ -35,12 +34,6 @@ def label_run(tmp_path_factory):
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tokens_file(path: Path, n: int) -> dict[str, str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TINY, read_jsonl, rlhf
+from conftest import ROOT, TINY, free_port, read_jsonl, rlhf
 
 QUIET = "track.report_to=none"  # the trackers are tested elsewhere; here they would only cost time
 LABELERS, UPDATES = 3, 2  # label.labelers' default; tiny.yaml's ppo.total_updates
@@ -55,12 +55,6 @@ def _processes_on(run: Path) -> list[int]:
             except OSError:
                 continue
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_is_free(port: int) -> bool:
