@@ -105,7 +105,7 @@ def main() -> None:
             cells = " | ".join(f"{v:.2f}" for v in values)
             ratio = ""
             if len(values) == 2 and values[1]:
-                faster_is_lower = measure == "peak" or " s" in measure
+                faster_is_lower = measure == "peak" or measure.endswith(" s")  # seconds, not a rate
                 ratio = f" | {values[0] / values[1] if faster_is_lower else values[1] / values[0]:.2f}"
             print(f"| {stage} | {label} | {cells}{ratio} |")
 
