@@ -69,12 +69,17 @@ lint: setup
 
 # The tests run in a random order (pytest-randomly): each must get what it needs from fixtures, never from
 # a test that ran before it. The seed is printed; `make test SEED=N` reruns that order.
+# They run in TEST_JOBS processes (pytest-xdist), a test file to a process (--dist loadscope: a file's module
+# fixtures, such as test_rounds' two-round loop, are built once); most of a test's time is a stage subprocess's
+# Python start-up and imports, one core each, so two processes nearly halve the suite on 2 cores. TEST_JOBS=0:
+# one process, in this one.
 ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
+TEST_JOBS ?= 2
 test: setup check-lock system-deps lint
 	@echo "pytest-randomly seed: $(SEED) (this order again: make test SEED=$(SEED))"
-	$(VENV)/bin/pytest -q -p no:cacheprovider -p randomly --randomly-seed=$(SEED) tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -p randomly --randomly-seed=$(SEED) -n $(TEST_JOBS) --dist loadscope tests
 
 # Mutation testing ([tool.mutmut] in pyproject.toml): the rule reward terms, the listing parser, the metrics, the
 # catalog's grounding and the labeling importer, mutated one change at a time against their fast tests; fails
