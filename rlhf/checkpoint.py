@@ -16,9 +16,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from rlhf.runs import fsync_dir
 
 KEEP = 2
@@ -37,6 +34,9 @@ def latest(root: Path) -> Path | None:
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
@@ -46,6 +46,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -80,6 +83,8 @@ def _trainable(model) -> dict:
 
 def save(trainer, root: Path, update: int, total_updates: int) -> Path:
     """Every rank calls this; rank 0 writes the weights and the record, each rank its RNG state."""
+    import torch
+
     acc = trainer.accelerator
     final, tmp = root / f"update-{update:06d}", root / f"update-{update:06d}.tmp"
     if acc.is_main_process:
@@ -117,6 +122,8 @@ def save(trainer, root: Path, update: int, total_updates: int) -> Path:
 
 def load(trainer, path: Path, update_offset: int) -> None:
     """Weights, optimiser and scheduler into ``trainer``; its dataloader skips what the first run consumed."""
+    import torch
+
     model = trainer.accelerator.unwrap_model(trainer.model)
     saved = torch.load(path / "trainable.pt", map_location="cpu", weights_only=False)
     params = dict(model.named_parameters())
