@@ -21,7 +21,7 @@ from pathlib import Path
 from reward_models.encoding import encode, score_sequences
 from reward_models.pairs import balance, load_pairs, source_family, split_by_user
 from rlhf.config import Config, ConfigError, save_resolved
-from rlhf.models import gpu_peak_gb, load_reward_model
+from rlhf.models import check_init_from, gpu_peak_gb, load_reward_model
 from rlhf.runs import MissingInput, RunDir
 
 
@@ -83,7 +83,7 @@ def run_reward(cfg: Config, run_dir: Path, init_from: str | None = None) -> dict
     save_resolved(cfg, run, ["reward", "track"])
     torch.manual_seed(cfg.run.seed)
 
-    base_path = _warm_start(run, init_from) if init_from else _init_path(run, rc.init, mc.name)
+    base_path = check_init_from(init_from, run) if init_from else _init_path(run, rc.init, mc.name)
     tokenizer = load_tokenizer(base_path)
     train_ex, long_train = _tokenized(train_rows, tokenizer, rc.max_length, rc.use_margin)
     val_ex, long_val = _tokenized(val_rows, tokenizer, rc.max_length, rc.use_margin)
@@ -194,20 +194,6 @@ def _init_path(run: RunDir, init: str, model_name: str) -> str:
     if init == "sft" or (init == "auto" and run.sft.merged.exists()):
         return str(run.sft.merged)
     return resolve_model(model_name)
-
-
-def _warm_start(run: RunDir, init_from: str) -> str:
-    """The saved reward model --init-from names, checked before anything loads: it is read while reward/model is
-    written, so it cannot be reward/model itself."""
-    path = Path(init_from)
-    if not (path / "config.json").exists():
-        raise MissingInput(f"--init-from {path}: no saved reward model there (config.json is missing)")
-    if path.resolve() == run.reward.model.resolve():
-        raise ConfigError(
-            f"--init-from {path} is the model this stage writes; copy it first (`rlhf rounds` keeps each round's "
-            "reward model under rounds/round-NNN/reward/model)"
-        )
-    return str(path)
 
 
 def _fit_behaviour(run: RunDir, name: str) -> str | None:

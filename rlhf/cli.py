@@ -208,7 +208,7 @@ def _load(args):
     """The config a command runs with: the run's resolved config.yaml (when the run exists), the recipe over it
     (except the sections of finished stages), then the flags and overrides. The data stage starts from the recipe."""
     from rlhf.config import load_config
-    from rlhf.models import check_model_fits_run
+    from rlhf.models import check_init_adapter, check_init_from, check_model_fits_run
     from rlhf.precision import check_hardware
     from rlhf.runs import RunDir
 
@@ -228,6 +228,11 @@ def _load(args):
     frozen = {"run", "data"} if later and run.done("data") else set()
     cfg = load_config(args.config, overrides, section, run.config if later else None, frozen)
     cfg.run.dir = str(run.root)
+    # flags naming saved models are checked here, before torch and the tokenizer load: a wrong path fails in a second
+    if getattr(args, "init_from", None):
+        check_init_from(args.init_from, run)
+    if getattr(args, "init_adapter", None):
+        check_init_adapter(args.init_adapter, cfg.model)
     if args.command != "data":
         check_hardware(cfg.model)
     if later:

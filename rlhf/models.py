@@ -351,6 +351,23 @@ def check_init_adapter(path, model_cfg) -> Path:
     return path
 
 
+def check_init_from(path, run) -> str:
+    """The saved reward model ``rlhf reward --init-from`` names: it exists, and it is not reward/model itself (that is
+    read while reward/model is written). Checked before anything loads."""
+    from rlhf.config import ConfigError
+    from rlhf.runs import MissingInput
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise MissingInput(f"--init-from {path}: no saved reward model there (config.json is missing)")
+    if path.resolve() == run.reward.model.resolve():
+        raise ConfigError(
+            f"--init-from {path} is the model this stage writes; copy it first (`rlhf rounds` keeps each round's "
+            "reward model under rounds/round-NNN/reward/model)"
+        )
+    return str(path)
+
+
 def truncate_layers(model, keep: int):
     """Keep the first ``keep`` decoder layers (0 = all). The final norm and score head stay."""
     backbone = getattr(model, model.base_model_prefix)
