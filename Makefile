@@ -77,9 +77,11 @@ ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
 TEST_JOBS ?= 2
+PYTEST_ARGS ?=
 test: setup check-lock system-deps lint
 	@echo "pytest-randomly seed: $(SEED) (this order again: make test SEED=$(SEED))"
-	$(VENV)/bin/pytest -q -p no:cacheprovider -p randomly --randomly-seed=$(SEED) -n $(TEST_JOBS) --dist loadscope tests
+	$(VENV)/bin/pytest -q -p no:cacheprovider -p randomly --randomly-seed=$(SEED) -n $(TEST_JOBS) --dist loadscope \
+	  $(PYTEST_ARGS) tests
 
 # Mutation testing ([tool.mutmut] in pyproject.toml): the rule reward terms, the listing parser, the metrics, the
 # catalog's grounding and the labeling importer, mutated one change at a time against their fast tests; fails
