@@ -69,14 +69,14 @@ lint: setup
 
 # The tests run in a random order (pytest-randomly): each must get what it needs from fixtures, never from
 # a test that ran before it. The seed is printed; `make test SEED=N` reruns that order.
-# They run in TEST_JOBS processes (pytest-xdist), a test file to a process (--dist loadscope: a file's module
-# fixtures, such as test_rounds' two-round loop, are built once); most of a test's time is a stage subprocess's
-# Python start-up and imports, one core each, so two processes nearly halve the suite on 2 cores. TEST_JOBS=0:
-# one process, in this one.
+# TEST_JOBS=N runs them in N processes (pytest-xdist, a test file to a process: --dist loadscope builds a file's
+# module fixtures once). Default 0, one process: on this project's 2-core machine two processes took ~20 minutes
+# against ~15 for one (each builds the shared tiny run again, and two stage subprocesses with two torch threads
+# each contend for two cores); on more cores, try TEST_JOBS=4.
 ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
-TEST_JOBS ?= 2
+TEST_JOBS ?= 0
 PYTEST_ARGS ?=
 test: setup check-lock system-deps lint
 	@echo "pytest-randomly seed: $(SEED) (this order again: make test SEED=$(SEED))"
