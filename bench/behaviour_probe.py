@@ -6,7 +6,8 @@ Needs a run whose data came from the built-in simulator. Fits EASE, item-kNN and
 interactions (as the reward stage does), then for each held-out user scores several kinds of K-listing: what each
 evaluated LLM stage wrote (eval/listings.jsonl, when present), random catalog listings, each baseline's top K,
 and "one good + random" mixes. Prints, per behaviour model and power, the Pearson correlation of the term with true
-utility over all listings, over the LLM's listings, and over the LLM's listings whose K items are all valid
+utility over all listings (each item's percentile among the prompt's candidates in rerank mode, as the reward term
+reads it), over the LLM's listings, and over the LLM's listings whose K items are all valid
 (which isolates "which items" from "valid or not"); and, per model, the mean per-user Spearman correlation of
 its item scores with true item utilities over unseen items.
 """
@@ -50,8 +51,8 @@ def _listings(users, rng, k: int, recs: dict) -> list[tuple[str, dict, list]]:
     return out
 
 
-def _top(model, row, k: int) -> list:
-    pct = model.percentiles(row["history_ids"], row.get("history_ratings"))
+def _top(model, row, k: int, among=None) -> list:
+    pct = model.percentiles(row["history_ids"], row.get("history_ratings"), among)
     return [model.item_ids[j] for j in np.argsort(-np.nan_to_num(pct, nan=-1.0), kind="stable")[:k]]
 
 
@@ -72,8 +73,10 @@ def main() -> None:
         raise SystemExit(f"{a.run}: the data did not come from the simulator, so true utility is unknown")
     sim, k = users.sim, users.meta["k"]
     item_ids = [it.item_id for it in users.catalog.items]
-    models = {name: BehaviourModel.fit(name, item_ids, users.fit_pairs()) for name in ("ease", "itemknn", "popularity")}
-    recs = {name: baselines.make(name, item_ids, users.fit_pairs()) for name in ("popularity", "itemknn", "ease")}
+    genres = baselines.catalog_genres(users.catalog)
+    names = ("genre", "ease", "itemknn", "popularity") if any(genres.values()) else ("ease", "itemknn", "popularity")
+    models = {name: BehaviourModel.fit(name, item_ids, users.fit_pairs(), genres) for name in names}
+    recs = {name: baselines.make(name, item_ids, users.fit_pairs(), genres=genres) for name in names}
     rng = np.random.default_rng(a.seed)
     rows = _listings(users, rng, k, recs)
     truth = np.array(
@@ -99,7 +102,9 @@ def main() -> None:
         for power in (1.0, 2.0, 4.0):
             v = np.array(
                 [
-                    listing_value(model, items, r["history_ids"], k, power, r.get("history_ratings"))
+                    listing_value(
+                        model, items, r["history_ids"], k, power, r.get("history_ratings"), r.get("candidate_ids")
+                    )
                     for _, r, items in rows
                 ]
             )
@@ -119,9 +124,12 @@ def main() -> None:
             rhos.append(np.corrcoef(pct[idx], truth_rank)[0, 1])
         print(f"  {name:10s} {np.nanmean(rhos):+.2f}")
     for name, model in models.items():  # each model's own top K, history weighted by the user's ratings
-        tops = [_top(model, r, k) for r in users.rows]
-        util = [sim.list_utility(sim.user(r["user_id"]), t, set(r["history_ids"]), k) for r, t in zip(users.rows, tops)]
-        print(f"  top {k} of {name} (rating-weighted history): true utility {np.mean(util):.3f}")
+        for where in ("catalog", "candidates") if users.rows[0].get("candidate_ids") else ("catalog",):
+            tops = [_top(model, r, k, r["candidate_ids"] if where == "candidates" else None) for r in users.rows]
+            util = [
+                sim.list_utility(sim.user(r["user_id"]), t, set(r["history_ids"]), k) for r, t in zip(users.rows, tops)
+            ]
+            print(f"  top {k} of {name} among the {where} (rating-weighted history): true utility {np.mean(util):.3f}")
     print(
         "mean true utility by kind: " + ", ".join(f"{kd} {truth[kinds == kd].mean():.3f}" for kd in sorted(set(kinds)))
     )

@@ -1,10 +1,12 @@
-"""Classic recommenders, fit on training interactions only: popularity, item-kNN (cosine), EASE.
+"""Classic recommenders, fit on training interactions only: popularity, item-kNN (cosine), EASE, and a
+content-based genre profile.
 
 They are the yardstick in evaluation and the retrievers that supply candidates in rerank mode.
 """
 
 from __future__ import annotations
 
+import math
 from array import array
 
 import numpy as np
@@ -159,10 +161,120 @@ class RandomRecommender(Recommender):
         return rng.random(len(self.item_ids))
 
 
-BASELINES = {"popularity": Popularity, "itemknn": ItemKNN, "ease": EASE, "random": RandomRecommender}
+RATING_CENTER = 3.0  # the middle of a 1-5 scale: a history item rated above it pulls its genres up, below it down
+PRIOR_SHRINK = 5.0  # an item's mean rating is shrunk toward the global mean as if it had this many more ratings
 
 
-def make(name: str, item_ids, pairs, seed: int = 0) -> Recommender:
+def history_weights(ratings, n: int) -> list[float]:
+    """One weight per history item: rating - RATING_CENTER where rated, 1 where not (implicit feedback)."""
+    if not ratings:
+        return [1.0] * n
+    return [1.0 if r is None or math.isnan(r) else float(r) - RATING_CENTER for r in ratings]
+
+
+class GenreProfile(Recommender):
+    """Content-based: the user's genre profile against each item's genres, plus a quality prior.
+
+    Each item is its genres, multi-hot and L2-normalised (``factors``, items x genres). A user's profile is the mean
+    of their history items' vectors, each weighted as ``history_weights`` says (the classic baselines' ``scores`` see
+    no ratings, so every item weighs 1 there; the behaviour term passes the ratings). An item scores
+    ``factors[i] . profile + prior[i]``; the prior is ``beta`` times the item's shrunk mean training rating minus the
+    global mean, and ``beta`` is fit by least squares on the training ratings, each predicted from the rest of its
+    user's history and the item's other ratings (leave one out), so the fit is not flattered by the rating itself.
+    Without ratings (clicks) the prior is log popularity, standardised, at weight 0.1.
+    """
+
+    name = "genre"
+
+    def __init__(self, item_ids, genres: dict | None = None):
+        super().__init__(item_ids)
+        if not genres:
+            raise ValueError("the genre recommender needs the catalog's genres (pass genres={item_id: [...]})")
+        vocab = sorted({g for i in self.item_ids for g in genres.get(i) or ()})
+        if not vocab:
+            raise ValueError("the genre recommender needs item genres, and no catalog item has any")
+        col = {g: c for c, g in enumerate(vocab)}
+        F = np.zeros((len(self.item_ids), len(vocab)), dtype=np.float32)
+        for j, i in enumerate(self.item_ids):
+            for g in genres.get(i) or ():
+                F[j, col[g]] = 1.0
+        self.genres = vocab
+        self.factors = F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-12)
+
+    def fit(self, pairs):
+        users, u_arr, i_arr, r_arr = {}, array("i"), array("i"), array("d")
+        for u, i, r in pairs:
+            j = self.index.get(i)
+            if j is not None:
+                u_arr.append(users.setdefault(u, len(users)))
+                i_arr.append(j)
+                r_arr.append(math.nan if r is None else float(r))
+        uc, ic = np.frombuffer(u_arr, dtype=np.int32), np.frombuffer(i_arr, dtype=np.int32)
+        rc = np.frombuffer(r_arr, dtype=np.float64)
+        n = len(self.item_ids)
+        counts = np.bincount(ic, minlength=n).astype(np.float64)
+        rated = ~np.isnan(rc)
+        self.beta = 0.0
+        if rated.sum() > 2 and np.nanstd(rc) > 0:
+            prior = self._fit_rated(uc[rated], ic[rated], rc[rated])
+        else:
+            logc = np.log1p(counts)
+            prior = 0.1 * (logc - logc.mean()) / max(float(logc.std()), 1e-12)
+        self.prior = (prior + counts * 1e-6).astype(np.float32)  # ties toward popular items
+        return self
+
+    def _fit_rated(self, uc, ic, rc) -> np.ndarray:
+        n = len(self.item_ids)
+        sums, cnt = np.bincount(ic, rc, minlength=n), np.bincount(ic, minlength=n).astype(np.float64)
+        mean = float(rc.sum() / len(rc))
+        # leave one out: the item's prior without this rating, the user's profile without this item
+        q_loo = (sums[ic] - rc + PRIOR_SHRINK * mean) / (cnt[ic] - 1 + PRIOR_SHRINK) - mean
+        W = (rc - RATING_CENTER)[:, None] * self.factors[ic]
+        per_user = np.zeros((int(uc.max()) + 1, W.shape[1]))
+        np.add.at(per_user, uc, W)
+        n_u = np.bincount(uc).astype(np.float64)
+        keep = n_u[uc] > 1
+        profile = (per_user[uc] - W)[keep] / (n_u[uc][keep] - 1)[:, None]
+        x = np.c_[np.einsum("ij,ij->i", profile, self.factors[ic][keep]), q_loo[keep], np.ones(int(keep.sum()))]
+        coef = np.linalg.lstsq(x, rc[keep] - RATING_CENTER, rcond=None)[0] if len(x) > 3 else np.zeros(3)
+        # the profile's coefficient sets the scale; a non-positive one means genres told nothing here
+        self.beta = float(coef[1] / coef[0]) if coef[0] > 1e-9 else 1.0
+        return self.beta * ((sums + PRIOR_SHRINK * mean) / (cnt + PRIOR_SHRINK) - mean)
+
+    def profile(self, history, ratings=None) -> np.ndarray | None:
+        w = history_weights(ratings, len(history))
+        kept = [(self.index[i], wi) for i, wi in zip(history, w) if i in self.index]
+        if not kept:
+            return None
+        rows, wk = zip(*kept)
+        return np.asarray(wk, dtype=np.float32) @ self.factors[list(rows)] / len(rows)
+
+    def scores(self, history, ratings=None):
+        p = self.profile(history, ratings)
+        return self.prior.copy() if p is None else self.factors @ p + self.prior
+
+
+BASELINES = {
+    "popularity": Popularity,
+    "itemknn": ItemKNN,
+    "ease": EASE,
+    "genre": GenreProfile,
+    "random": RandomRecommender,
+}
+
+
+def make(name: str, item_ids, pairs, seed: int = 0, genres: dict | None = None) -> Recommender:
+    """Fit a recommender by name; ``genres`` ({item_id: [genre, ...]}, the catalog's) is what ``genre`` needs."""
     cls = BASELINES[name]
-    model = cls(item_ids, seed=seed) if cls is RandomRecommender else cls(item_ids)
+    if cls is RandomRecommender:
+        model = cls(item_ids, seed=seed)
+    elif cls is GenreProfile:
+        model = cls(item_ids, genres)
+    else:
+        model = cls(item_ids)
     return model.fit(pairs)
+
+
+def catalog_genres(catalog) -> dict:
+    """{item_id: genres} of a catalog: what ``make(..., genres=...)`` takes."""
+    return {it.item_id: it.genres for it in catalog.items}

@@ -42,9 +42,9 @@ SplitMethod = Literal["leave-last-out", "temporal"]
 Mode = Literal["generate", "rerank"]
 Protocol = Literal["retrieved", "random"]
 CandidateOrder = Literal["ranked", "shuffled"]
-Retriever = Literal["ease", "itemknn", "popularity", "random"]
+Retriever = Literal["ease", "itemknn", "popularity", "genre", "random"]
 RewardInit = Literal["auto", "sft", "base"]
-BehaviourName = Literal["itemknn", "ease", "popularity", "none"]
+BehaviourName = Literal["itemknn", "ease", "popularity", "genre", "none"]
 PairSource = Literal["ratings", "clicks", "simulator", "labels"]
 Algorithm = Literal["ppo", "grpo", "rloo"]
 Scheduler = Literal["linear", "constant"]
@@ -148,7 +148,7 @@ class DataConfig:
     windows: int = _f(
         4, "windows over each training user's history: SFT examples, RL prompts and rating pairs per user"
     )
-    retriever: Retriever = _f("ease", "rerank: ease | itemknn | popularity | random")
+    retriever: Retriever = _f("ease", "rerank: ease | itemknn | popularity | genre (the catalog's genres) | random")
     k: int = _f(5, "items per listing")
     positive_rating: float = _f(4.0, "ratings at or above count as positives (explicit feedback)")
     # simulator (builtin)
@@ -240,7 +240,7 @@ class RewardConfig(TrainCommon):
     max_length: int = _f(448, "max tokens of prompt + response")
     behaviour_model: BehaviourName = _f(
         "itemknn",
-        "the behaviour term's model, fit on the training interactions: itemknn | ease | popularity | none",
+        "the behaviour term's model, fit on the training interactions: itemknn | ease | genre | popularity | none",
     )
     behaviour_power: float = _f(1.0, "the behaviour term credits each item's percentile to this power (>1: the top)")
     fit_weights: bool = _f(

@@ -174,17 +174,20 @@ def baseline_lists(users: HeldOutUsers, k: int) -> dict[str, list[list]]:
     item_ids = [it.item_id for it in users.catalog.items]
     out = {}
     rerank = users.meta["mode"] == "rerank"
-    for name in ("popularity", "itemknn", "ease"):
+    genres = baselines.catalog_genres(users.catalog)
+    for name in ("popularity", "itemknn", "ease", "genre"):
         if name == "ease" and len(item_ids) > baselines.MAX_EASE_ITEMS:
             continue
-        model = baselines.make(name, item_ids, users.fit_pairs())
+        if name == "genre" and not any(genres.values()):
+            continue
+        model = baselines.make(name, item_ids, users.fit_pairs(), genres=genres)
         out[name] = [
             model.recommend(r["history_ids"], k, candidates=r["candidate_ids"] if rerank else None) for r in users.rows
         ]
         if rerank:
             out[f"{name}@catalog"] = [model.recommend(r["history_ids"], k) for r in users.rows]
     if rerank:
-        retr = baselines.make(users.meta["retriever"], item_ids, users.fit_pairs())
+        retr = baselines.make(users.meta["retriever"], item_ids, users.fit_pairs(), genres=genres)
         out["retriever_order"] = [
             retr.recommend(r["history_ids"], k, candidates=r["candidate_ids"]) for r in users.rows
         ]

@@ -409,3 +409,26 @@ def test_next_item_term_by_hand(catalog):
     ideal = 1 + 1 / math.log2(3)
     assert got == pytest.approx([(1 + 1 / 2) / ideal, (1 / 2) / ideal, 0.0])
     assert score(env, [None], [first], [PromptContext(history_ids=[])]) == [0.0]  # a held-out user's prompt
+
+
+def test_behaviour_term_with_the_genre_model(tmp_path):
+    """The genre profile as the behaviour model: a comedy lover's comedy earns the top percentile and a horror film
+    the bottom, saved and loaded it ranks the same, and a catalog without genres is refused by name."""
+    from reward_models.terms.behaviour import BehaviourModel, listing_value
+
+    genres = {"c1": ["comedy"], "c2": ["comedy"], "h1": ["horror"], "h2": ["horror"], "d1": ["drama"]}
+    log = [(f"f{n}", i, r) for n in range(4) for i, r in (("c1", 5.0), ("c2", 4.0), ("h1", 1.0))]
+    log += [(f"g{n}", i, r) for n in range(4) for i, r in (("h1", 5.0), ("h2", 4.0), ("c1", 2.0))]
+    model = BehaviourModel.fit("genre", list(genres), log, genres)
+    pct = model.percentiles(["c1", "h1"], [5.0, 1.0])
+    assert pct[model.index["c2"]] == 1.0 and pct[model.index["h2"]] == 0.0
+    assert listing_value(model, ["c2", "h2"], ["c1", "h1"], 2, ratings=[5.0, 1.0]) > listing_value(
+        model, ["h2", "c2"], ["c1", "h1"], 2, ratings=[5.0, 1.0]
+    )
+    again = BehaviourModel.load(model.save(tmp_path / "b.npz"))
+    assert again.factors is not None and again.matrix is None
+    assert np.allclose(again.percentiles(["c1", "h1"], [5.0, 1.0]), pct, equal_nan=True)
+    with pytest.raises(ValueError, match="genres"):
+        BehaviourModel.fit("genre", list(genres), log)
+    with pytest.raises(ValueError, match="use genre, ease, itemknn or popularity"):
+        BehaviourModel.fit("svd", list(genres), log)

@@ -1,11 +1,12 @@
-"""The behaviour term: how well a listing suits this user, by a collaborative model fit on the run's training logs.
+"""The behaviour term: how well a listing suits this user, by a classic model fit on the run's training logs.
 
-``BehaviourModel`` wraps a classic item-item recommender (rlhf/baselines.py: item-kNN or EASE, or popularity) fit on
-the training users' interactions only, saved in the run (reward/behaviour.npz) by the reward stage. For a user's
-history it scores every catalog item as the sum of the history items' rows, each weighted by what the user thought
-of it: ``rating - RATING_CENTER`` where the history is rated (a 1/5 pushes its neighbours down, a 5/5 up), 1 where it
-is not. The classic baselines in eval weigh every history item 1; the ratings make the model more personal
-(bench/behaviour_probe.py). An unseen item's *percentile* is the share of the user's other unseen items that score
+``BehaviourModel`` wraps a classic recommender (rlhf/baselines.py: item-kNN, EASE, the genre profile, or popularity)
+fit on the training users' interactions only, saved in the run (reward/behaviour.npz) by the reward stage. For a
+user's history it scores every catalog item as the sum of the history items' rows (item-kNN, EASE), or against the
+mean of their genre vectors (genre), each history item weighted by what the user thought of it: ``rating - 3``
+where the history is rated (a 1/5 pushes its neighbours or genres down, a 5/5 up), 1 where it is not. The classic
+baselines in eval weigh every history item 1; the ratings make the model more personal (bench/behaviour_probe.py).
+An unseen item's *percentile* is the share of the user's other unseen items that score
 below it (1.0 = the model's first choice for this user, 0.5 = a median item). Where the prompt offers candidates
 (rerank mode) the percentile is among the candidates the user has not seen: the choice the listing actually makes.
 A retriever's top N all sit near the top of the whole catalog (percentiles 0.9-1.0 on the demo), so a percentile
@@ -25,45 +26,49 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf.baselines import history_weights
 from rlhf.listing import parse_and_ground
-
-RATING_CENTER = 3.0  # the middle of a 1-5 scale: ratings above it pull neighbours up, below it push them down
-
-
-def history_weights(ratings: list | None, n: int) -> list[float]:
-    """One weight per history item: rating - RATING_CENTER where rated, 1 where not (implicit feedback)."""
-    if not ratings:
-        return [1.0] * n
-    return [1.0 if r is None or math.isnan(r) else float(r) - RATING_CENTER for r in ratings]
 
 
 class BehaviourModel:
-    """Item scores for a history from a saved linear item-item model: ``weights @ matrix[history] + bias``."""
+    """Item scores for a history from a saved linear model: ``weights @ matrix[history] + bias`` (item-item), or,
+    factored, ``factors @ mean(weights * factors[history]) + bias`` (the genre profile: items x genres)."""
 
-    def __init__(self, name: str, item_ids: list[str], matrix: np.ndarray | None, bias: np.ndarray):
+    def __init__(
+        self,
+        name: str,
+        item_ids: list[str],
+        matrix: np.ndarray | None,
+        bias: np.ndarray,
+        factors: np.ndarray | None = None,
+    ):
         self.name, self.item_ids = name, list(item_ids)
         self.index = {i: j for j, i in enumerate(self.item_ids)}
-        self.matrix, self.bias = matrix, bias.astype(np.float32)
+        self.matrix, self.bias, self.factors = matrix, bias.astype(np.float32), factors
         self._cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
 
     @classmethod
-    def fit(cls, name: str, item_ids: list[str], pairs) -> BehaviourModel:
-        """Fit one of rlhf/baselines.py's recommenders on (user, item, rating) training triples."""
+    def fit(cls, name: str, item_ids: list[str], pairs, genres: dict | None = None) -> BehaviourModel:
+        """Fit one of rlhf/baselines.py's recommenders on (user, item, rating) training triples; ``genre`` also
+        needs the catalog's genres ({item_id: [genre, ...]})."""
         from rlhf import baselines
 
-        rec = baselines.make(name, item_ids, pairs)
+        if name not in ("ease", "itemknn", "popularity", "genre"):
+            raise ValueError(f"behaviour model {name!r}: use genre, ease, itemknn or popularity")
+        rec = baselines.make(name, item_ids, pairs, genres=genres)
         if name == "ease":
             return cls(name, item_ids, rec.B, rec.pop)
         if name == "itemknn":
             return cls(name, item_ids, rec.S, rec.pop)
-        if name == "popularity":
-            return cls(name, item_ids, None, rec.counts)
-        raise ValueError(f"behaviour model {name!r}: use ease, itemknn or popularity")
+        if name == "genre":
+            return cls(name, item_ids, None, rec.prior, factors=rec.factors)
+        return cls(name, item_ids, None, rec.counts)
 
     def save(self, path: Path) -> Path:
         arrays = {"item_ids": np.array(self.item_ids, dtype=object), "bias": self.bias, "name": np.array(self.name)}
-        if self.matrix is not None:
-            arrays["matrix"] = self.matrix.astype(np.float32)
+        for key, value in (("matrix", self.matrix), ("factors", self.factors)):
+            if value is not None:
+                arrays[key] = value.astype(np.float32)
         with open(path, "wb") as f:
             np.savez(f, **arrays)
         return path
@@ -72,17 +77,21 @@ class BehaviourModel:
     def load(cls, path: Path) -> BehaviourModel:
         with np.load(path, allow_pickle=True) as z:
             matrix = z["matrix"] if "matrix" in z.files else None
-            return cls(str(z["name"]), list(z["item_ids"]), matrix, z["bias"])
+            factors = z["factors"] if "factors" in z.files else None
+            return cls(str(z["name"]), list(z["item_ids"]), matrix, z["bias"], factors)
 
     def scores(self, history_ids: list[str], ratings: list | None = None) -> np.ndarray:
-        if self.matrix is None:
+        if self.matrix is None and self.factors is None:
             return self.bias.copy()
         weights = history_weights(ratings, len(history_ids))
         kept = [(self.index[i], w) for i, w in zip(history_ids, weights) if i in self.index]
         if not kept:
             return self.bias.copy()
         rows, w = zip(*kept)
-        return np.asarray(w, dtype=np.float32) @ self.matrix[list(rows)] + self.bias
+        w = np.asarray(w, dtype=np.float32)
+        if self.factors is not None:
+            return self.factors @ (w @ self.factors[list(rows)] / len(rows)) + self.bias
+        return w @ self.matrix[list(rows)] + self.bias
 
     def percentiles(self, history_ids: list[str], ratings: list | None = None, among=None) -> np.ndarray:
         """Per catalog item, its percentile among the user's unseen items, or among the unseen items of ``among``

@@ -109,9 +109,13 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
             "lower data.k to at most half the catalog"
         )
     default = "ease" if len(catalog) <= baselines.MAX_EASE_ITEMS else "itemknn"
-    retriever = baselines.make(
-        cfg.retriever if cfg.mode == "rerank" else default, item_ids, train_pairs(splits), seed=cfg.seed
-    )
+    name = cfg.retriever if cfg.mode == "rerank" else default
+    try:
+        retriever = baselines.make(
+            name, item_ids, train_pairs(splits), seed=cfg.seed, genres=baselines.catalog_genres(catalog)
+        )
+    except ValueError as e:
+        raise DataError(f"data.retriever={name}: {e}") from e
     builder = PromptBuilder(
         catalog,
         load_tokenizer(model_name),
