@@ -148,6 +148,12 @@ class DataConfig:
     windows: int = _f(
         4, "windows over each training user's history: SFT examples, RL prompts and rating pairs per user"
     )
+    sft_teacher: BehaviourName = _f(
+        "none",
+        "SFT targets: none = each window's future positives (among the candidates in rerank mode) | genre | itemknn "
+        "| ease | popularity = that model's top K for the window's history, weighted by its ratings, among the "
+        "candidates: what the behaviour term with the same model rewards",
+    )
     retriever: Retriever = _f("ease", "rerank: ease | itemknn | popularity | genre (the catalog's genres) | random")
     k: int = _f(5, "items per listing")
     positive_rating: float = _f(4.0, "ratings at or above count as positives (explicit feedback)")

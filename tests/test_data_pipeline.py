@@ -281,3 +281,46 @@ def test_genre_profile_tracks_the_simulators_utility_better_than_item_knn():
 
     diff = utility(genre) - utility(knn)
     assert diff.mean() > 2 * diff.std(ddof=1) / np.sqrt(len(diff)), diff.mean()
+
+
+def test_sft_teacher_targets_are_the_behaviour_models_top_k_among_the_candidates(tmp_path):
+    """data.sft_teacher=genre: every SFT target lists, in order, the genre model's top K among the prompt's
+    candidates for that window's history weighted by its ratings (the behaviour term's reading), and so differs
+    from the future-positive targets of the default."""
+    from conftest import TINY, rlhf
+
+    from reward_models.terms.behaviour import BehaviourModel
+    from rlhf.data.splits import stored_training_triples
+    from rlhf.listing import parse_and_ground
+
+    run = tmp_path / "run"
+    args = ("--config", TINY, "--mode", "rerank", "--num-candidates", "8")
+    rlhf("data", "prepare", "--out", run, *args, "data.sft_teacher=genre")
+    cat = Catalog.load_jsonl(run / "data" / "catalog.jsonl")
+    teacher = BehaviourModel.fit(
+        "genre",
+        [it.item_id for it in cat.items],
+        stored_training_triples(run / "data" / "splits.jsonl"),
+        baselines.catalog_genres(cat),
+    )
+    prompts = {
+        json.dumps(r["prompt"]): r for r in pq.read_table(run / "data" / "prompts" / "train.parquet").to_pylist()
+    }
+    sft = pq.read_table(run / "data" / "sft" / "train.parquet").to_pylist()
+    assert len(sft) == len(prompts) > 20  # the teacher always fills K: one target per window
+    for r in sft:
+        p = prompts[json.dumps(r["prompt"])]
+        pct = teacher.percentiles(p["history_ids"], p["history_ratings"], p["candidate_ids"])
+        best = sorted(p["candidate_ids"], key=lambda i: -pct[teacher.index[i]])[:3]
+        listed = [e.item_id for e in parse_and_ground(r["completion"][0]["content"], cat)]
+        assert listed == best
+    default = tmp_path / "default"
+    rlhf("data", "prepare", "--out", default, *args)
+    before = {
+        json.dumps(r["prompt"]): r["completion"]
+        for r in pq.read_table(default / "data" / "sft" / "train.parquet").to_pylist()
+    }
+    changed = sum(before.get(json.dumps(r["prompt"])) not in (None, r["completion"]) for r in sft)
+    assert changed > len(sft) // 4
+    bad = rlhf("data", "prepare", "--out", tmp_path / "bad", *args, "data.sft_teacher=svd", check=False)
+    assert bad.returncode == 2 and "data.sft_teacher" in bad.stderr and "Traceback" not in bad.stderr

@@ -9,7 +9,8 @@ Rerank mode offers candidates in the prompt, built the way the evaluated protoco
 training teaches no shortcut evaluation would reward:
 - ``retrieved`` (LlamaRec's, the default): the retriever's own top N for the history; a held-out item the
   retriever missed is a miss. SFT targets are the user's future positives among those candidates, in rating order,
-  then the retriever's order.
+  then the retriever's order; or, with ``data.sft_teacher``, a behaviour model's top K among them (distillation of
+  what the behaviour term rewards).
 - ``random`` (LLaRA's): the positive (held-out or next) item among N - 1 random unseen items.
 Preference pairs put both of their lists among the candidates, so neither side is "the injected one".
 """
@@ -75,11 +76,20 @@ def positives(future: list[Event], prefix: list[Event], threshold: float) -> lis
 
 
 class BuildEnv:
-    """What every builder needs: the data config, catalog, prompt builder, retriever and a seeded generator."""
+    """What every builder needs: the data config, catalog, prompt builder, retriever and a seeded generator; and
+    the SFT teacher (a behaviour model, data.sft_teacher) where the targets come from one."""
 
-    def __init__(self, cfg, catalog: Catalog, builder: PromptBuilder, retriever, rng):
+    def __init__(self, cfg, catalog: Catalog, builder: PromptBuilder, retriever, rng, teacher=None):
         self.cfg, self.catalog, self.builder, self.retriever, self.rng = cfg, catalog, builder, retriever, rng
+        self.teacher = teacher
         self.item_ids = [it.item_id for it in catalog.items]
+
+    def teacher_top(self, prefix: list[Event], cands: list[str] | None, k: int) -> list[str]:
+        """The teacher's top K for a history (weighted by its ratings), among ``cands`` where given, unseen only."""
+        ids = [e.item_id for e in prefix]
+        pct = self.teacher.percentiles(ids, [_rating(e.rating) for e in prefix], cands)
+        order = np.argsort(-np.nan_to_num(pct, nan=-1.0), kind="stable")
+        return [self.teacher.item_ids[j] for j in order[:k] if not np.isnan(pct[j])]
 
     def listing(self, item_ids: list[str], history: list[tuple[str, float]]) -> str:
         return render(
@@ -109,7 +119,8 @@ class BuildEnv:
 
 def build_sft(env: BuildEnv, users: list[UserSplit]) -> list[dict]:
     """One example per window of each user: prompt = the prefix (and its candidates); target = the user's future
-    positives (within the candidates in rerank mode), best rated first, then the retriever's picks up to K."""
+    positives (within the candidates in rerank mode), best rated first, then the retriever's picks up to K; or,
+    with a teacher (data.sft_teacher), the teacher's top K for the prefix."""
     k, rows = env.cfg.k, []
     for u in users:
         events = u.history
@@ -117,9 +128,12 @@ def build_sft(env: BuildEnv, users: list[UserSplit]) -> list[dict]:
             prefix_ids = [e.item_id for e in prefix]
             liked = positives(future, prefix, env.cfg.positive_rating)
             cands = env.candidates(prefix_ids, liked[:1] if env.cfg.protocol == "random" else ())
-            target = [i for i in liked if cands is None or i in cands][:k]
-            fill = env.retriever.recommend(prefix_ids, k, exclude=target, candidates=cands)
-            target = (target + [f for f in fill if f not in target])[:k]
+            if env.teacher is not None:
+                target = env.teacher_top(prefix, cands, k)
+            else:
+                target = [i for i in liked if cands is None or i in cands][:k]
+                fill = env.retriever.recommend(prefix_ids, k, exclude=target, candidates=cands)
+                target = (target + [f for f in fill if f not in target])[:k]
             if len(target) < k:
                 continue
             msgs, kept = env.builder.build(_hist(_recent(prefix, env.cfg.history_len)), cands)

@@ -124,7 +124,17 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         max_prompt_tokens=cfg.max_prompt_tokens,
         ranked=cfg.candidate_order == "ranked",
     )
-    env = build.BuildEnv(cfg, catalog, builder, retriever, rng)
+    teacher = None
+    if cfg.sft_teacher != "none":
+        from reward_models.terms.behaviour import BehaviourModel
+
+        try:
+            teacher = BehaviourModel.fit(
+                cfg.sft_teacher, item_ids, train_pairs(splits), baselines.catalog_genres(catalog)
+            )
+        except ValueError as e:
+            raise DataError(f"data.sft_teacher={cfg.sft_teacher}: {e}") from e
+    env = build.BuildEnv(cfg, catalog, builder, retriever, rng, teacher)
     by_role = {r: [u for u in splits if u.split == r] for r in ("train", "val", "test")}
     catalog.save_jsonl(files.catalog)
     pq.write_table(table, files.interactions)
