@@ -21,6 +21,10 @@ TINY = str(ROOT / "recipes" / "tiny.yaml")
 SHARED = Path(os.environ.get("REC_RLHF_SHARED") or ROOT.parent / "shared") / "datasets" / "goodbooks-10k"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test TEST_JOBS=N`: N workers each start stage processes; with torch's default of a thread per core they
+    # would run N x cores spinning threads on the cores. One thread each (a user's own setting stays).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def rlhf(*args, check=True, env=None, timeout=900):

@@ -144,11 +144,10 @@ def _front_matter(card: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def gguf_run(tiny_ppo, tmp_path_factory):
-    """A copy of the tiny run with a short real eval, so the export has figures and example conversations."""
+def gguf_run(tiny_eval, tmp_path_factory):
+    """A copy of the tiny run with its eval (the suite's shared one), so the export has figures and examples."""
     run = tmp_path_factory.mktemp("gguf") / "run"
-    shutil.copytree(tiny_ppo, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
-    rlhf("eval", "--run", run, "--config", TINY, "--stages", "ppo", "--max-users", "4")
+    shutil.copytree(tiny_eval, run, ignore=shutil.ignore_patterns("checkpoints"))
     return run
 
 
