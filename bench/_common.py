@@ -37,17 +37,19 @@ def add_dtype_arg(parser) -> None:
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
         default="auto",
-        help="weights and compute (auto: bfloat16 on a GPU, float32 on CPU)",
+        help="weights and compute (auto: as model.dtype=auto decides: bfloat16 on a GPU with bf16 or a CPU with AMX / "
+        "AVX-512 BF16, float32 elsewhere)",
     )
 
 
 def resolve_dtype(value: str) -> str:
-    """The --dtype value with auto decided for this machine."""
+    """The --dtype value with auto decided for this machine as the stages decide it (rlhf.precision.resolved: bf16 on
+    a CUDA device with bf16 or a CPU with AMX / AVX-512 BF16, float32 elsewhere)."""
     if value != "auto":
         return value
-    import torch
+    from rlhf.precision import resolved
 
-    return "bfloat16" if torch.cuda.is_available() else "float32"
+    return resolved(value)[0]
 
 
 def scratch_run(source: Path, work: Path, links=("data", "sft", "reward"), copies=()) -> Path:
