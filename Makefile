@@ -70,9 +70,10 @@ lint: setup
 # The tests run in a random order (pytest-randomly): each must get what it needs from fixtures, never from
 # a test that ran before it. The seed is printed; `make test SEED=N` reruns that order.
 # TEST_JOBS=N runs them in N processes (pytest-xdist, a test file to a process: --dist loadscope builds a file's
-# module fixtures once). Default 0, one process: on this project's 2-core machine two processes took 42 minutes
-# against 15 for one (each builds the shared tiny run again, and two stage subprocesses with two torch threads
-# each contend for two cores); on more cores, try TEST_JOBS=4.
+# module fixtures once; each worker's stage processes get one torch thread, tests/conftest.py). Default 0, one
+# process: on this project's 2-core machine two processes took 42 minutes against 15 for one, measured before the
+# one-thread rule (each builds the shared tiny run again, and two torch threads each contended for two cores); on
+# more cores, try TEST_JOBS=4.
 ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
