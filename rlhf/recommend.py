@@ -53,8 +53,11 @@ def recommend(
     prompt: list[dict] | None = None,
     loaded=None,
     candidate_ids: list[str] | None = None,
+    shown: list[tuple[str, float | None]] | None = None,
 ) -> dict:
-    """One listing for a history (or a user's prompt row and its rerank candidates), with its grounded items."""
+    """One listing for a history (or a user's prompt row and its rerank candidates), with its grounded items. A K
+    other than the run's rebuilds the row's prompt for that K from what it showed (``shown``: (item_id, rating) pairs,
+    else the history unrated) and its candidates."""
     from reward_models.encoding import prompt_ids
     from rlhf.constrained import PromptConstraints
     from rlhf.generation import generate
@@ -80,7 +83,7 @@ def recommend(
             max_prompt_tokens=meta["max_prompt_tokens"],
             ranked=meta.get("candidate_order") == "ranked",
         )
-        prompt = builder.messages([(i, None) for i in history_ids])
+        prompt = builder.messages(shown or [(i, None) for i in history_ids], candidate_ids or None)
     constraints = None
     if constrained:  # the prompt's candidates when it offers some, the catalog otherwise
         constraints = PromptConstraints(tokenizer, catalog)
@@ -108,11 +111,22 @@ def run_recommend(cfg: Config, run_dir: Path, args) -> dict:
     if args.user:
         row = _user_row(run, args.user)
         history, prompt, cands = row["history_ids"], row["prompt"], row.get("candidate_ids")
+        shown = [(s["item_id"], s["rating"]) for s in row.get("shown") or []]
     else:
-        history, prompt, cands = history_from_titles(args.history, catalog), None, None
+        history, prompt, cands, shown = history_from_titles(args.history, catalog), None, None, None
     try:
         result = recommend(
-            run_dir, cfg.model, args.stage, history, k, args.constrained, args.max_new_tokens, prompt, None, cands
+            run_dir,
+            cfg.model,
+            args.stage,
+            history,
+            k,
+            args.constrained,
+            args.max_new_tokens,
+            prompt,
+            None,
+            cands,
+            shown,
         )
     except RecommendError as e:
         print(f"rlhf recommend: error: {e}", file=sys.stderr)

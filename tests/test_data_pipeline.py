@@ -324,3 +324,33 @@ def test_sft_teacher_targets_are_the_behaviour_models_top_k_among_the_candidates
     assert changed > len(sft) // 4
     bad = rlhf("data", "prepare", "--out", tmp_path / "bad", *args, "data.sft_teacher=svd", check=False)
     assert bad.returncode == 2 and "data.sft_teacher" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_recommend_with_another_k_keeps_a_users_candidates_and_ratings(tmp_path):
+    """`rlhf recommend --user U --k 2` on a rerank run rebuilds the user's prompt for K=2 from what it showed (with
+    the ratings) and with the same candidates, not from the bare history."""
+    from conftest import TINY, rlhf
+
+    from rlhf.models import load_tokenizer, resolve_model
+    from rlhf.prompts import PromptBuilder
+
+    run = tmp_path / "run"
+    rlhf("data", "prepare", "--out", run, "--config", TINY, "--mode", "rerank", "--num-candidates", "6")
+    row = pq.read_table(run / "data" / "prompts" / "test.parquet").to_pylist()[0]
+    args = ("recommend", "--run", run, "--config", TINY, "--stage", "base", "--user", row["user_id"], "--json")
+    out = json.loads(rlhf(*args, "--k", "2", "--max-new-tokens", "4").stdout.strip().splitlines()[-1])
+    cat = Catalog.load_jsonl(run / "data" / "catalog.jsonl")
+    user = out["prompt"][1]["content"]
+    assert "<candidates>" in user and all(cat[c].title in user for c in row["candidate_ids"])
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    builder = PromptBuilder(
+        cat,
+        load_tokenizer(resolve_model("tiny")),
+        k=2,
+        noun=meta["noun"],
+        max_prompt_tokens=meta["max_prompt_tokens"],
+        ranked=True,
+    )
+    shown = [(s["item_id"], s["rating"]) for s in row["shown"]]
+    assert any(r is not None for _, r in shown)
+    assert out["prompt"] == builder.messages(shown, row["candidate_ids"]) != row["prompt"]
