@@ -4,9 +4,9 @@
 
 Needs a prepared rerank run (`rlhf data prepare` with data.mode=rerank). For each held-out user, NDCG@K of the
 candidates in the retriever's own order, in a random order, and reordered by each behaviour model (the history weighted
-by its ratings, as the reward term reads it: reward_models/terms/behaviour.py); and each classic recommender over the
-whole catalog. Paired against the retriever's order (mean ± standard error over the same users). On simulator data
-it also prints true utility.
+by its ratings, as the reward term reads it: reward_models/terms/behaviour.py); and item-kNN, popularity and the
+genre model over the whole catalog. Paired against the retriever's order (mean ± standard error over the same
+users). On simulator data it also prints true utility.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
         lists.setdefault("random order", []).append(list(rng.permutation(c))[:k])
         for n, m in models.items():
             pct = m.percentiles(r["history_ids"], r.get("history_ratings"), c)
-            lists.setdefault(f"{n} (rated) among the candidates", []).append(
+            lists.setdefault(f"{n} among the candidates" + (" (rated)" if n != "popularity" else ""), []).append(
                 sorted(c, key=lambda i: -pct[m.index[i]])[:k]
             )
         for n, m in recs.items():
@@ -63,8 +63,9 @@ def main() -> None:
         base = values["retriever's order"]
         print(f"{metric}:")
         for name, v in values.items():
-            d = paired_difference(v, base)
-            print(f"  {name:38s} {np.mean(v):.4f}   − retriever's order {d['delta']:+.4f} ± {d['se']:.4f}")
+            d = paired_difference(v, base)  # None with fewer than 2 users
+            vs = f"{d['delta']:+.4f} ± {d['se']:.4f}" if d else "n/a"
+            print(f"  {name:38s} {np.mean(v):.4f}   − retriever's order {vs}")
 
 
 if __name__ == "__main__":

@@ -204,13 +204,13 @@ def _fit_behaviour(run: RunDir, name: str) -> str | None:
     if name == "none":
         run.reward.behaviour.unlink(missing_ok=True)
         return None
-    from rlhf.baselines import catalog_genres
+    from rlhf.baselines import MissingGenres, catalog_genres
 
     catalog = run.catalog()
     item_ids = [it.item_id for it in catalog.items]
     try:
         model = BehaviourModel.fit(name, item_ids, stored_training_triples(run.data.splits), catalog_genres(catalog))
-    except ValueError as e:
+    except MissingGenres as e:
         raise ConfigError(f"reward.behaviour_model={name}: {e} ({run.data.catalog}); choose another model") from e
     model.save(run.reward.behaviour)
     return name

@@ -172,6 +172,10 @@ def history_weights(ratings, n: int) -> list[float]:
     return [1.0 if r is None or math.isnan(r) else float(r) - RATING_CENTER for r in ratings]
 
 
+class MissingGenres(ValueError):
+    """The genre recommender was asked for on a catalog without genres."""
+
+
 class GenreProfile(Recommender):
     """Content-based: the user's genre profile against each item's genres, plus a quality prior.
 
@@ -180,8 +184,11 @@ class GenreProfile(Recommender):
     no ratings, so every item weighs 1 there; the behaviour term passes the ratings). An item scores
     ``factors[i] . profile + prior[i]``; the prior is ``beta`` times the item's shrunk mean training rating minus the
     global mean, and ``beta`` is fit by least squares on the training ratings, each predicted from the rest of its
-    user's history and the item's other ratings (leave one out), so the fit is not flattered by the rating itself.
-    Without ratings (clicks) the prior is log popularity, standardised, at weight 0.1.
+    user's history and the item's other ratings (leave one out, one rating per user and item: the last), so the fit
+    is not flattered by the rating itself. ``beta`` is never negative; where the genres predict nothing the prior
+    decides and the profile only breaks ties. Where the ratings cannot fit it (clicks, fewer than 3 ratings, all
+    alike) the prior is log popularity, standardised, at weight 0.1. The profile's scale differs between the
+    rating-weighted reading (what ``beta`` is fit on) and the unrated one (weights 1), so the prior weighs less there.
     """
 
     name = "genre"
@@ -189,10 +196,10 @@ class GenreProfile(Recommender):
     def __init__(self, item_ids, genres: dict | None = None):
         super().__init__(item_ids)
         if not genres:
-            raise ValueError("the genre recommender needs the catalog's genres (pass genres={item_id: [...]})")
+            raise MissingGenres("the genre recommender needs the catalog's genres (pass genres={item_id: [...]})")
         vocab = sorted({g for i in self.item_ids for g in genres.get(i) or ()})
         if not vocab:
-            raise ValueError("the genre recommender needs item genres, and no catalog item has any")
+            raise MissingGenres("the genre recommender needs item genres, and no catalog item has any")
         col = {g: c for c, g in enumerate(vocab)}
         F = np.zeros((len(self.item_ids), len(vocab)), dtype=np.float32)
         for j, i in enumerate(self.item_ids):
@@ -212,6 +219,11 @@ class GenreProfile(Recommender):
         uc, ic = np.frombuffer(u_arr, dtype=np.int32), np.frombuffer(i_arr, dtype=np.int32)
         rc = np.frombuffer(r_arr, dtype=np.float64)
         n = len(self.item_ids)
+        # one event per (user, item), the last: a repeat would stay in its own leave-one-out profile and prior
+        key = uc.astype(np.int64) * max(n, 1) + ic
+        _, last = np.unique(key[::-1], return_index=True)
+        keep = np.sort(len(key) - 1 - last)
+        uc, ic, rc = uc[keep], ic[keep], rc[keep]
         counts = np.bincount(ic, minlength=n).astype(np.float64)
         rated = ~np.isnan(rc)
         self.beta = 0.0
@@ -237,8 +249,11 @@ class GenreProfile(Recommender):
         profile = (per_user[uc] - W)[keep] / (n_u[uc][keep] - 1)[:, None]
         x = np.c_[np.einsum("ij,ij->i", profile, self.factors[ic][keep]), q_loo[keep], np.ones(int(keep.sum()))]
         coef = np.linalg.lstsq(x, rc[keep] - RATING_CENTER, rcond=None)[0] if len(x) > 3 else np.zeros(3)
-        # the profile's coefficient sets the scale; a non-positive one means genres told nothing here
-        self.beta = float(coef[1] / coef[0]) if coef[0] > 1e-9 else 1.0
+        # scores are ranked, so the profile's coefficient sets the scale: beta = quality's / profile's. A quality
+        # coefficient below 0 is noise (a better rated item is not worse): 0. Genres that predict nothing (a
+        # coefficient near or below 0): the prior decides, the profile breaks ties.
+        a, b = float(coef[0]), max(float(coef[1]), 0.0)
+        self.beta = b / a if a > 1e-3 else (1e3 if b > 0 else 0.0)
         return self.beta * ((sums + PRIOR_SHRINK * mean) / (cnt + PRIOR_SHRINK) - mean)
 
     def profile(self, history, ratings=None) -> np.ndarray | None:

@@ -566,3 +566,17 @@ def test_repeated_item_ids_keep_the_first_row_and_are_counted(tmp_path):
     _write(bad, '{"item_id": "a", "title": "A"}\n{"item_id": "b"}\n')
     with pytest.raises(DataError, match=r"films.jsonl:2: bad catalog row \(needs item_id and title\)"):
         load_source(_cfg(catalog=str(bad)), SkipLog())
+
+
+def test_genre_model_on_a_catalog_without_genres_is_one_message(tmp_path):
+    """A generic log has no genres: asking for the genre retriever or SFT teacher stops the data stage with the
+    setting named (exit 1), not a traceback from inside the recommender."""
+    rows = ["user_id,item_id,rating,timestamp"]
+    rows += [f"u{u},i{(u + n) % 8},{1 + (u + n) % 5},{1000 + 10 * n + u}" for u in range(12) for n in range(5)]
+    log = _write(tmp_path / "log.csv", "\n".join(rows) + "\n")
+    base = ["data", "prepare", "--source", "generic", "--path", log, "--model", "tiny", "--min-history", "2"]
+    base += ["--k", "1", "--mode", "rerank", "--num-candidates", "3"]
+    for setting in ("data.retriever=genre", "data.sft_teacher=genre"):
+        proc = rlhf(*base, "--out", tmp_path / setting, setting, check=False)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert setting in proc.stderr and "genres" in proc.stderr and "Traceback" not in proc.stderr

@@ -114,7 +114,7 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
         retriever = baselines.make(
             name, item_ids, train_pairs(splits), seed=cfg.seed, genres=baselines.catalog_genres(catalog)
         )
-    except ValueError as e:
+    except baselines.MissingGenres as e:
         raise DataError(f"data.retriever={name}: {e}") from e
     builder = PromptBuilder(
         catalog,
@@ -132,7 +132,7 @@ def prepare(cfg, model_name: str, run_dir: Path) -> dict:
             teacher = BehaviourModel.fit(
                 cfg.sft_teacher, item_ids, train_pairs(splits), baselines.catalog_genres(catalog)
             )
-        except ValueError as e:
+        except baselines.MissingGenres as e:
             raise DataError(f"data.sft_teacher={cfg.sft_teacher}: {e}") from e
     env = build.BuildEnv(cfg, catalog, builder, retriever, rng, teacher)
     by_role = {r: [u for u in splits if u.split == r] for r in ("train", "val", "test")}
