@@ -172,6 +172,15 @@ def history_weights(ratings, n: int) -> list[float]:
     return [1.0 if r is None or math.isnan(r) else float(r) - RATING_CENTER for r in ratings]
 
 
+def weighted_history(index: dict, history, ratings=None) -> tuple[list[int], np.ndarray] | None:
+    """(rows, weights) of the history items found in ``index``, weighted by ``history_weights``; None if none are."""
+    kept = [(index[i], w) for i, w in zip(history, history_weights(ratings, len(history))) if i in index]
+    if not kept:
+        return None
+    rows, w = zip(*kept)
+    return list(rows), np.asarray(w, dtype=np.float32)
+
+
 class MissingGenres(ValueError):
     """The genre recommender was asked for on a catalog without genres."""
 
@@ -257,12 +266,11 @@ class GenreProfile(Recommender):
         return self.beta * ((sums + PRIOR_SHRINK * mean) / (cnt + PRIOR_SHRINK) - mean)
 
     def profile(self, history, ratings=None) -> np.ndarray | None:
-        w = history_weights(ratings, len(history))
-        kept = [(self.index[i], wi) for i, wi in zip(history, w) if i in self.index]
-        if not kept:
+        found = weighted_history(self.index, history, ratings)
+        if found is None:
             return None
-        rows, wk = zip(*kept)
-        return np.asarray(wk, dtype=np.float32) @ self.factors[list(rows)] / len(rows)
+        rows, w = found
+        return w @ self.factors[rows] / len(rows)
 
     def scores(self, history, ratings=None):
         p = self.profile(history, ratings)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlhf.baselines import history_weights
+from rlhf.baselines import weighted_history
 from rlhf.listing import parse_and_ground
 
 
@@ -83,15 +83,13 @@ class BehaviourModel:
     def scores(self, history_ids: list[str], ratings: list | None = None) -> np.ndarray:
         if self.matrix is None and self.factors is None:
             return self.bias.copy()
-        weights = history_weights(ratings, len(history_ids))
-        kept = [(self.index[i], w) for i, w in zip(history_ids, weights) if i in self.index]
-        if not kept:
+        found = weighted_history(self.index, history_ids, ratings)
+        if found is None:
             return self.bias.copy()
-        rows, w = zip(*kept)
-        w = np.asarray(w, dtype=np.float32)
+        rows, w = found
         if self.factors is not None:
-            return self.factors @ (w @ self.factors[list(rows)] / len(rows)) + self.bias
-        return w @ self.matrix[list(rows)] + self.bias
+            return self.factors @ (w @ self.factors[rows] / len(rows)) + self.bias
+        return w @ self.matrix[rows] + self.bias
 
     def percentiles(self, history_ids: list[str], ratings: list | None = None, among=None) -> np.ndarray:
         """Per catalog item, its percentile among the user's unseen items, or among the unseen items of ``among``
