@@ -70,14 +70,14 @@ lint: setup
 # The tests run in a random order (pytest-randomly): each must get what it needs from fixtures, never from
 # a test that ran before it. The seed is printed; `make test SEED=N` reruns that order.
 # TEST_JOBS=N runs them in N processes (pytest-xdist, a test file to a process: --dist loadscope builds a file's
-# module fixtures once; each worker's stage processes get one torch thread, tests/conftest.py). Default 0, one
-# process: on this project's 2-core machine two processes took 42 minutes against 15 for one, measured before the
-# one-thread rule (each builds the shared tiny run again, and two torch threads each contended for two cores); on
-# more cores, try TEST_JOBS=4.
+# module fixtures once; each worker's stage processes get one torch thread, tests/conftest.py). Default: 2 where the
+# machine has 2 or more cores, else 0 (one process). On this project's 2-core machine two workers ran the suite in
+# 8 min 10 s against 15 min 28 s for one process (docs/results.md, "Tests"); on more cores, try TEST_JOBS=4.
 ifndef SEED
 SEED := $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 endif
-TEST_JOBS ?= 0
+NPROC := $(shell nproc 2>/dev/null || echo 1)
+TEST_JOBS ?= $(if $(filter 1,$(NPROC)),0,2)
 PYTEST_ARGS ?=
 test: setup check-lock system-deps lint
 	@echo "pytest-randomly seed: $(SEED) (this order again: make test SEED=$(SEED))"
