@@ -1,10 +1,11 @@
 """The PPO resume record: trainable weights, optimiser, scheduler, per-rank RNG and the dataloader position.
 
 A checkpoint is ``RUN/ppo/checkpoints/update-NNNNNN/`` with ``trainable.pt``, ``optimizer.pt``, ``scheduler.pt``,
-``rng-<rank>.pt`` and ``state.json`` (update count, episodes, world size, batch size). It is written into
-``update-NNNNNN.tmp``, every file fsynced, then renamed, so a killed run never leaves a half checkpoint; the
-newest ``KEEP`` complete ones are kept. ``latest`` finds the newest complete one; ``load`` puts it back into a
-trainer built for the same model and LoRA config.
+``rng-<rank>.pt``, ``order-<rank>.pt`` (the RNG states the current pass's prompt order was drawn from) and
+``state.json`` (update count, episodes, world size, batch size). It is written into ``update-NNNNNN.tmp``, every
+file fsynced, then renamed, so a killed run never leaves a half checkpoint; the newest ``KEEP`` complete ones are
+kept. ``latest`` finds the newest complete one; ``load`` puts it back into a trainer built for the same model and
+LoRA config.
 """
 
 from __future__ import annotations
@@ -56,25 +57,73 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class SkipFirst:
-    """Wraps the prompt dataloader on resume: consumes the batches the first run already used in the current epoch,
-    then restores the RNG state saved with the checkpoint, so the resumed run sees the data the first would have."""
+class PromptLoader:
+    """Wraps the prompt dataloader for the whole run so that a resumed run draws the prompts the first would have.
 
-    def __init__(self, loader, skip: int, state: dict | None):
-        self.loader, self.skip, self.state = loader, skip, state
+    As each pass over the prompts begins it records the RNG states the pass's shuffled order is drawn from (torch's
+    global generator, from which a single-process sampler seeds each pass, and the sampler's own generator, which
+    accelerate gives it under several processes); a checkpoint saves them. On resume (``resume``) the next pass
+    restores them, skips the batches the first run already used, then restores the RNG saved after the
+    checkpoint's update, so sampling continues as it would have. At a pass boundary nothing is skipped: the new
+    pass draws its order from the checkpoint's RNG, as the first run's next pass did."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.pass_start: dict | None = None
+        self._pending: tuple[dict | None, int, dict | None] | None = None
+
+    def resume(self, pass_start: dict | None, skip: int, rng: dict | None) -> None:
+        self._pending = (pass_start, skip, rng)
 
     def __len__(self):
         return len(self.loader)
 
-    def __iter__(self):
+    def __iter__(self):  # a generator: this body runs at the first batch, when the pass's order is drawn
+        pass_start, skip, rng = self._pending or (None, 0, None)
+        self._pending = None
+        if skip and pass_start is not None:
+            _set_order_state(self.loader, pass_start)
+        elif rng is not None:
+            set_rng_state(rng)
+        self.pass_start = _order_state(self.loader)
         it = iter(self.loader)
-        while self.skip > 0:
+        for _ in range(skip):
             next(it)
-            self.skip -= 1
-        if self.state is not None:
-            set_rng_state(self.state)
-            self.state = None
+        if rng is not None:
+            set_rng_state(rng)
         yield from it
+
+
+def _sampler_generator(loader):
+    """The torch.Generator a (prepared) dataloader shuffles with, when it has its own."""
+    import torch
+
+    for holder in (
+        loader,
+        getattr(loader, "sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "sampler", None),
+    ):
+        for name in ("synchronized_generator", "generator"):
+            g = getattr(holder, name, None)
+            if isinstance(g, torch.Generator):
+                return g
+    return None
+
+
+def _order_state(loader) -> dict:
+    import torch
+
+    g = _sampler_generator(loader)
+    return {"torch": torch.get_rng_state(), "sampler": g.get_state() if g is not None else None}
+
+
+def _set_order_state(loader, state: dict) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    g = _sampler_generator(loader)
+    if g is not None and state.get("sampler") is not None:
+        g.set_state(state["sampler"])
 
 
 def _trainable(model) -> dict:
@@ -92,6 +141,8 @@ def save(trainer, root: Path, update: int, total_updates: int) -> Path:
         tmp.mkdir(parents=True)
     acc.wait_for_everyone()
     torch.save(rng_state(), tmp / f"rng-{acc.process_index}.pt")
+    if isinstance(trainer.dataloader, PromptLoader) and trainer.dataloader.pass_start is not None:
+        torch.save(trainer.dataloader.pass_start, tmp / f"order-{acc.process_index}.pt")
     if acc.is_main_process:
         torch.save(_trainable(acc.unwrap_model(trainer.model)), tmp / "trainable.pt")
         torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
@@ -144,6 +195,10 @@ def load(trainer, path: Path, update_offset: int) -> None:
     for group, lr in zip(trainer.optimizer.param_groups, current):
         group["lr"] = lr
     trainer.lr_scheduler._last_lr = list(current)
-    rng_file = path / f"rng-{trainer.accelerator.process_index}.pt"
+    rank = trainer.accelerator.process_index
+    rng_file, order_file = path / f"rng-{rank}.pt", path / f"order-{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=False) if rng_file.exists() else None
-    trainer.dataloader = SkipFirst(trainer.dataloader, update_offset % max(len(trainer.dataloader), 1), rng)
+    order = torch.load(order_file, map_location="cpu", weights_only=False) if order_file.exists() else None
+    if not isinstance(trainer.dataloader, PromptLoader):
+        trainer.dataloader = PromptLoader(trainer.dataloader)
+    trainer.dataloader.resume(order, update_offset % max(len(trainer.dataloader), 1), rng)

@@ -533,6 +533,8 @@ def _coerce(value: Any, tp, where: str):
             pass
     if origin is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
+    if origin is list and isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+        raise ConfigError(f"{where} expects a list of single values, got {value!r}")
     if dataclasses.is_dataclass(tp):  # a nested section, e.g. ppo.rules: a mapping or nothing
         return _build(tp, value, where)
     expected = {int: int, float: float, str: str, bool: bool, list: list, dict: dict}.get(origin)
@@ -639,8 +641,8 @@ def load_config(
         node[keys[-1]] = value
     try:
         return Config(**{name: _build(cls, raw.get(name, {}), name) for name, cls in SECTIONS.items()})
-    except TypeError as e:  # a nested value of the wrong shape
-        raise ConfigError(str(e)) from None
+    except TypeError as e:  # a nested value of a shape no check above names
+        raise ConfigError(f"a config value of the wrong shape: {e}") from None
 
 
 def save_resolved(cfg: Config, run, sections: list[str]) -> Path:

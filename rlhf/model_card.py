@@ -8,6 +8,8 @@ widget, a run name) is quoted as YAML needs and cannot end the header or add key
 
 from __future__ import annotations
 
+import re
+
 import yaml
 
 # base model name -> (Hub id, license); names not here (a local folder) give no base_model / license
@@ -169,11 +171,19 @@ def usage(info: dict) -> str:
     return _generate_snippet(info, info["load"], "\nfrom peft import PeftModel")
 
 
+def code_block(text: str) -> str:
+    """``text`` as a Markdown code block whose fence is longer than any run of backticks in it, so a title holding
+    a fence cannot close the block and have the rest of the text read as Markdown (or HTML)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
 def render(info: dict) -> str:
     """The whole README.md."""
     table = "\n".join(f"| {name} | {value:.3f} |" for name, _, value in _figures(info))
     examples = "\n\n".join(
-        "\n".join(f"**{msg['role']}**:\n\n```\n{msg['content']}\n```" for msg in ex["messages"])
+        "\n".join(f"**{msg['role']}**:\n\n{code_block(msg['content'])}" for msg in ex["messages"])
         for ex in info["examples"]
     )
     base_line = (

@@ -35,6 +35,7 @@ from rlhf.runs import RunDir
 def run_ppo(cfg: Config, run_dir: Path, resume: bool = False, init_adapter: str | None = None) -> dict:
     from accelerate import PartialState
     from datasets import Dataset
+    from transformers import set_seed
 
     from reward_models.encoding import prompt_ids
     from rlhf.models import check_init_adapter, load_tokenizer
@@ -60,7 +61,9 @@ def run_ppo(cfg: Config, run_dir: Path, resume: bool = False, init_adapter: str 
     if done >= ppo_cfg.total_updates:
         print(f"ppo: {done} of {ppo_cfg.total_updates} updates already done")
         return {"updates": done}
-    torch.manual_seed(cfg.run.seed)
+    # python, numpy and torch: TRL's PPO seeds torch only, and draws each update's mini-batch order from numpy
+    # (unseeded, two runs of one seed trained differently)
+    set_seed(cfg.run.seed)
 
     tokenizer = load_tokenizer(str(sft_path))
     rows = run.rows(run.data.prompts("train"))

@@ -99,6 +99,7 @@ class RecPPOTrainer(PPOTrainer):
         self._phase_start, self._optimisation_start = time.time(), None
         self.accelerator.unwrap_model(self.model).register_forward_pre_hook(self._mark_optimisation)
         self.add_callback(CheckpointEvery(self))
+        self.dataloader = checkpoint.PromptLoader(self.dataloader)  # so a checkpoint can replay the prompt order
         if resume_from is not None:
             checkpoint.load(self, resume_from, update_offset)
 

@@ -129,6 +129,9 @@ def _config_cases():
         ({"recipe": "- sft\n- ppo\n"}, "must be a mapping of sections"),
         ({"recipe": "training:\n  x: 1\n"}, "unknown section(s) ['training']"),
         ({"recipe": "ppo:\n  batch_size: 7\n"}, "ppo.batch_size (7) must be divisible"),
+        ({"recipe": "eval:\n  stages: [[sft]]\n"}, "eval.stages expects a list of single values, got [['sft']]"),
+        (["ppo.max_seconds=-1"], "ppo.max_seconds must be >= 0"),
+        (["track.project="], "track.project must not be empty"),
         ({"recipe": None}, "does not exist"),
     ]
     if not torch.cuda.is_available():
@@ -230,3 +233,30 @@ def test_after_a_prepare_the_stages_need_no_config(tmp_path):
     assert metrics["steps"] == 4
     config = json.loads((run / "sft" / "merged" / "config.json").read_text())
     assert config["num_hidden_layers"] == 2
+
+
+def test_a_stage_pointed_at_a_run_of_another_model_is_one_message(tiny_sft, tmp_path):
+    """reward / eval with a model whose tokenizer differs from the one the run's data was prepared with, and a run
+    whose SFT model has another vocabulary: exit 1 naming the run and the model, before any forward pass."""
+    import json
+    import shutil
+
+    from rlhf.models import load_tokenizer, resolve_model
+
+    other = tmp_path / "other-model"  # the tiny model with five tokens added to its tokenizer
+    shutil.copytree(resolve_model("tiny"), other)
+    tok = load_tokenizer(str(other))
+    tok.add_tokens([f"<extra_{i}>" for i in range(5)])
+    tok.save_pretrained(other)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_sft, run)
+    for command in ("reward", "eval"):
+        proc = rlhf(command, "--run", run, "--model", other, check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{run} was prepared for model 'tiny'" in proc.stderr and "whose tokenizer differs" in proc.stderr
+    config = run / "sft" / "merged" / "config.json"  # the same tokenizer, but an SFT model of another vocabulary
+    config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 32000}))
+    proc = rlhf("reward", "--run", run, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "has a vocabulary of 32000 tokens but model.name='tiny'" in proc.stderr
+    assert not (run / "reward").exists()

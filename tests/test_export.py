@@ -348,6 +348,7 @@ def test_card_yaml_header_survives_hostile_titles():
         "- [a, b]\n? key\n: value",
         "&anchor *ref !!python/object:os.system '' | > %TAG",
         "{{ .System }} <|im_end|> </history>",
+        "Heat\n```\n# Injected\n<script>alert(1)</script>\n\n````\nHeat",
     ]
     user = (
         "<history>\n" + "\n".join(f'{i}. "{t}" | Drama | rated 5/5' for i, t in enumerate(hostile, 1)) + "\n</history>"
@@ -400,6 +401,15 @@ def test_card_yaml_header_survives_hostile_titles():
     assert meta["widget"][0]["messages"][1]["content"] == user
     assert meta["model-index"][0]["name"] == "rec-rlhf x: y\n--- ppo"
     assert card.split("\n---\n", 1)[1].lstrip().startswith("# rec-rlhf recommender")  # the header ends once
+    # the body: each example message is one code block holding the message verbatim; a fence in a title neither
+    # closes it nor turns the rest into a heading or HTML
+    from markdown_it import MarkdownIt
+
+    tokens = MarkdownIt().parse(card.split("\n---\n", 1)[1])
+    blocks = [t.content for t in tokens if t.type == "fence"]
+    assert user + "\n" in blocks
+    assert not any(t.type == "html_block" for t in tokens)
+    assert "Injected" not in [t.content for t in tokens if t.type == "inline"]
 
 
 def test_gguf_writer_matches_llama_cpp_converter_on_the_default_model():

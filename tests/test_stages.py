@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import ROOT, TINY, read_jsonl, rlhf
 
+from rlhf.checkpoint import latest
+
 
 def test_sft_trains_and_artifacts_load(tiny_sft):
     from peft import PeftConfig
@@ -203,6 +205,34 @@ def test_ppo_writes_metrics_adapter_and_checkpoints(tiny_ppo):
     assert {"text", "reward", "learned", "in_catalog", "has_k"} <= set(rollouts[0])
 
 
+def test_ppo_moved_the_policy_away_from_sft(tiny_ppo):
+    """Two updates changed the LoRA weights (PEFT starts lora_B at zero) and so the policy's next-token
+    distribution on the text it was trained on: KL(policy || SFT) > 0 while the adapter, disabled, gives SFT back."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    weights = load_file(tiny_ppo / "ppo" / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and max(float(v.abs().max()) for v in lora_b) > 0
+    merged = tiny_ppo / "sft" / "merged"
+    tok = AutoTokenizer.from_pretrained(merged)
+    text = read_jsonl(tiny_ppo / "ppo" / "rollouts.jsonl")[0]["text"]
+    ids = torch.tensor([tok(text)["input_ids"]])
+    sft = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    policy = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32), tiny_ppo / "ppo" / "adapter"
+    )
+    with torch.no_grad():  # log-probabilities in float64: the KL of two updates is below float32's rounding
+        ref = torch.log_softmax(sft(input_ids=ids).logits.double(), -1)
+        pol = torch.log_softmax(policy(input_ids=ids).logits.double(), -1)
+        with policy.disable_adapter():
+            off = torch.log_softmax(policy(input_ids=ids).logits.double(), -1)
+    assert torch.allclose(off, ref, atol=1e-5)
+    kl = (pol.exp() * (pol - ref)).sum(-1).mean()
+    assert kl > 1e-10 and (pol - ref).abs().max() > 1e-4, f"KL(policy || SFT) = {kl}"  # 0 with lora_B still zero
+
+
 def test_ppo_with_fewer_prompts_than_a_batch_is_a_config_error(tiny_reward, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_reward, run)
@@ -212,6 +242,9 @@ def test_ppo_with_fewer_prompts_than_a_batch_is_a_config_error(tiny_reward, tmp_
 
 
 def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
+    """Killed after its update-2 checkpoint (and during the next save), resumed: the same 5 updates, prompts,
+    samples, RNG and, within float tolerance, weights as a run never killed (one seed, one thread count: PPO on CPU
+    is reproducible)."""
     run = tmp_path / "run"
     shutil.copytree(tiny_reward, run, ignore=shutil.ignore_patterns("ppo", "eval"))
     args = [
@@ -237,11 +270,36 @@ def test_ppo_resume_after_sigkill(tiny_reward, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run: update 3 is in flight or about to be
     proc.wait(timeout=60)
     assert not (run / "ppo" / "adapter").exists()
+    # what a kill during the next save leaves: a half-written folder (no state.json, a torn weights file)
+    checkpoints = run / "ppo" / "checkpoints"
+    torn = checkpoints / "update-000004.tmp"
+    torn.mkdir(exist_ok=True)
+    (torn / "trainable.pt").write_bytes(b"PK\x03\x04 torn")
+    assert latest(checkpoints).name == "update-000002"
     rlhf("ppo", "--run", run, "--config", TINY, "ppo.total_updates=5", "ppo.checkpoint_every=2", "--resume")
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
     assert [r["update"] for r in rows] == [1, 2, 3, 4, 5]  # nothing lost past the checkpoint, nothing twice
-    state = json.loads((run / "ppo" / "checkpoints" / "update-000005" / "state.json").read_text())
+    state = json.loads((checkpoints / "update-000005" / "state.json").read_text())
     assert state["update"] == 5
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["update-000004", "update-000005"]  # the torn one replaced
+
+    # the same 5 updates without a kill: the resumed run must have reached the same place (deterministic on CPU)
+    straight = tmp_path / "straight"
+    shutil.copytree(tiny_reward, straight, ignore=shutil.ignore_patterns("ppo", "eval"))
+    rlhf("ppo", "--run", straight, "--config", TINY, "ppo.total_updates=5", "ppo.checkpoint_every=2")
+    other = read_jsonl(straight / "ppo" / "metrics.jsonl")
+    for key in ("objective/scores", "objective/kl", "loss/policy_avg", "loss/value_avg", "lr"):
+        assert [r[key] for r in rows] == pytest.approx([r[key] for r in other], rel=1e-4, abs=1e-6), key
+    mine, theirs = (read_jsonl(r / "ppo" / "rollouts.jsonl") for r in (run, straight))
+    assert [(r["update"], r["text"]) for r in mine] == [(r["update"], r["text"]) for r in theirs]  # data order
+    assert {r["update"] for r in mine} == {2, 4}  # one sampled after the resume
+    for name in ("update-000004", "update-000005"):
+        a, b = (torch.load(r / "ppo" / "checkpoints" / name / "trainable.pt") for r in (run, straight))
+        assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+        ra, rb = (
+            torch.load(r / "ppo" / "checkpoints" / name / "rng-0.pt", weights_only=False) for r in (run, straight)
+        )
+        assert torch.equal(ra["torch"], rb["torch"]) and ra["python"] == rb["python"], name
     assert (run / "ppo" / "adapter" / "adapter_config.json").exists()
     # the learning-rate schedule continued instead of restarting: it decays to 0 at update 5 of 5
     assert rows[-1]["lr"] < rows[2]["lr"] < rows[0]["lr"]
