@@ -128,3 +128,17 @@ def test_a_colon_in_a_title_written_without_its_year_stays_in_the_title():
     assert (e.title, e.explanation, e.item_id) == ("2001: A Space Odyssey", "cerebral sci-fi", space)
     (e,) = parse_and_ground("1. Heat: a crime epic", cat)  # a reason after a colon stays a reason
     assert (e.title, e.explanation) == ("Heat", "a crime epic") and e.item_id == cat.ground("Heat").item_id
+
+
+def test_a_colon_joins_title_and_reason_only_when_the_split_title_is_unknown_and_the_whole_is_exact():
+    """The join is a repair for a title the colon cut: a title that grounds as written keeps its reason, even when
+    title and reason together name another item; a whole that grounds only fuzzily is not taken."""
+    cat = Catalog.from_records(
+        {"item_id": i, "title": t, "attributes": {"year": y}}
+        for i, t, y in [("a", "Alien", 1979), ("b", "Alien: Resurrection", 1997), ("c", "2001: A Space Odyssey", 1968)]
+    )
+    (e,) = parse_and_ground("1. Alien: Resurrection", cat)  # "Alien" grounds exactly: the rest is its reason
+    assert (e.title, e.explanation, e.item_id) == ("Alien", "Resurrection", "a")
+    (e,) = parse_and_ground("1. 2001: A Space Odysey", cat)  # misspelt: the whole grounds fuzzily only
+    assert cat.ground("2001: A Space Odysey").method == "fuzzy"
+    assert (e.title, e.explanation, e.item_id, e.method) == ("2001", "A Space Odysey", None, "none")
