@@ -83,7 +83,7 @@ class PromptLoader:
         self._pending = None
         if skip and pass_start is not None:
             _set_order_state(self.loader, pass_start)
-        elif rng is not None:
+        elif rng is not None and not skip:  # (a checkpoint without order-<rank>.pt skips, as before, then restores)
             set_rng_state(rng)
         self.pass_start = _order_state(self.loader)
         it = iter(self.loader)
