@@ -393,10 +393,12 @@ def test_amazon_bad_rows_are_counted_by_reason(tmp_path, release):
     ]
 
 
+@pytest.mark.parametrize("release", ["2018", "2023"])
 @pytest.mark.parametrize("spoil", ["reviews-latin1", "meta-latin1", "reviews-empty", "meta-empty", "no-meta"])
-def test_amazon_unreadable_files_stop_with_one_message(tmp_path, spoil):
-    good_meta = json.dumps({"parent_asin": "A1", "title": "Dune"}) + "\n"
-    good_rev = json.dumps({"user_id": "u", "parent_asin": "A1", "rating": 5, "timestamp": 1}) + "\n"
+def test_amazon_unreadable_files_stop_with_one_message(tmp_path, spoil, release):
+    k = AMAZON_KEYS[release]
+    good_meta = json.dumps({"asin" if release == "2018" else "parent_asin": "A1", "title": "Dune"}) + "\n"
+    good_rev = json.dumps({k["user"]: "u", k["item"]: "A1", k["rating"]: 5, k["ts"]: 1400000000 * k["scale"]}) + "\n"
     files = {"meta_Books.jsonl": good_meta.encode(), "Books.jsonl": good_rev.encode()}
     message = {
         "reviews-latin1": r"Books.jsonl:2: not valid utf-8",
