@@ -562,6 +562,17 @@ def test_multi_cpu_launch_two_ranks(tiny_sft, tmp_path):
     # each rank saved its own RNG state into the resume record
     (last,) = sorted((run / "ppo" / "checkpoints").glob("update-000002"))
     assert sorted(p.name for p in last.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert sorted(p.name for p in last.glob("order-*.pt")) == ["order-0.pt", "order-1.pt"]  # each rank's prompt order
+    proc = subprocess.run(  # and both ranks resume from it
+        accel + ["ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=3", "track.report_to=none", "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert [r["update"] for r in read_jsonl(run / "ppo" / "metrics.jsonl")] == [1, 2, 3]
 
 
 def test_pipeline_skips_finished_stages(tiny_eval, tmp_path):
