@@ -536,24 +536,20 @@ def test_multi_cpu_launch_two_ranks(tiny_sft, tmp_path):
         "-m",
         "rlhf",
     ]
-    proc = subprocess.run(
-        accel + ["reward", "--run", str(run), "--config", TINY, "track.report_to=none"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    proc = subprocess.run(
-        accel + ["ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=2", "track.report_to=none"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    def launch(stage, *args):  # both ranks; a failure shows the launch's own stderr
+        proc = subprocess.run(
+            accel + [stage, "--run", str(run), "--config", TINY, "track.report_to=none", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    launch("reward")
+    launch("ppo", "ppo.total_updates=2")
     rows = read_jsonl(run / "ppo" / "metrics.jsonl")
     assert [r["update"] for r in rows] == [1, 2]
     # each update's rollout batch spans both ranks: 2 processes x 4 prompts
@@ -563,15 +559,7 @@ def test_multi_cpu_launch_two_ranks(tiny_sft, tmp_path):
     (last,) = sorted((run / "ppo" / "checkpoints").glob("update-000002"))
     assert sorted(p.name for p in last.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
     assert sorted(p.name for p in last.glob("order-*.pt")) == ["order-0.pt", "order-1.pt"]  # each rank's prompt order
-    proc = subprocess.run(  # and both ranks resume from it
-        accel + ["ppo", "--run", str(run), "--config", TINY, "ppo.total_updates=3", "track.report_to=none", "--resume"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    launch("ppo", "ppo.total_updates=3", "--resume")  # and both ranks resume from it
     assert [r["update"] for r in read_jsonl(run / "ppo" / "metrics.jsonl")] == [1, 2, 3]
 
 
