@@ -72,6 +72,7 @@ def _config_cases():
     cases = [  # (overrides, or a recipe's text as {"recipe": ...}; what the message must say)
         (["model.dtype=fp8"], "model.dtype='fp8' is not one of"),
         (["model.lora_r=0"], "model.lora_r must be >= 1"),
+        (["model.lora_dropout=1"], "model.lora_dropout must be in [0, 1)"),
         (["model.load_in_4bit=true", "model.use_lora=false"], "model.load_in_4bit (QLoRA) trains adapters only"),
         (["data.source=csv"], "data.source='csv' is not one of"),
         (["data.mode=rank"], "data.mode='rank' is not one of"),

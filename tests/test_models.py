@@ -56,6 +56,15 @@ def test_lora_config_and_qlora_refusal_on_cpu():
     cfg = ModelConfig(lora_r=4)
     lc = models.lora_config(cfg, task_type="SEQ_CLS")
     assert lc.r == 4 and lc.modules_to_save == ["score"]
+    # no dropout by default: PEFT then puts an identity where the dropout would be (a third of a bf16 SFT step)
+    from peft import get_peft_model
+
+    def first_dropout(model_cfg):
+        model = get_peft_model(models.load_causal_lm(resolve_model("tiny"), "float32"), models.lora_config(model_cfg))
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"]
+
+    assert isinstance(first_dropout(cfg), torch.nn.Identity)
+    assert first_dropout(ModelConfig(lora_dropout=0.1)).p == 0.1
     if not torch.cuda.is_available():  # the config is valid; this machine cannot run it
         from rlhf.precision import check_hardware
 
