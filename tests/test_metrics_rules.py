@@ -432,3 +432,41 @@ def test_behaviour_term_with_the_genre_model(tmp_path):
         BehaviourModel.fit("genre", list(genres), log)
     with pytest.raises(ValueError, match="use genre, ease, itemknn or popularity"):
         BehaviourModel.fit("svd", list(genres), log)
+
+
+def test_response_kl_sums_each_rows_own_response_tokens():
+    """eval's KL to SFT reads log-probabilities of the response positions only: it must equal the sum, per row,
+    of log p - log p_ref over that row's own response tokens taken from full-width log-softmaxes."""
+    import torch
+
+    from reward_models.encoding import pad_left, prompt_ids, response_ids
+    from rlhf.evaluate import response_kl
+    from rlhf.models import load_causal_lm, load_tokenizer, resolve_model
+
+    path = resolve_model("tiny")
+    tok = load_tokenizer(path)
+    policy, reference = load_causal_lm(path, "float32"), load_causal_lm(path, "float32")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = [[{"role": "user", "content": "Recommend three films like Alien"}], [{"role": "user", "content": "x"}]]
+    texts = ["1. Heat (1995) — a heist like Alien, which you rated 5/5", "1. Up"]  # responses of unequal length
+    seqs = [prompt_ids(tok, p) + response_ids(tok, t) for p, t in zip(prompts, texts)]
+    ids, mask = pad_left(seqs, tok.pad_token_id)
+
+    def full(model):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+    lp, lr = full(policy), full(reference)
+    expected = np.mean(
+        [
+            float((lp[r, -len(response_ids(tok, t)) :] - lr[r, -len(response_ids(tok, t)) :]).sum())
+            for r, t in enumerate(texts)
+        ]
+    )
+    got = response_kl(policy, reference, tok, prompts, texts)
+    assert abs(expected) > 1e-3 and got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert response_kl(reference, reference, tok, prompts, texts) == pytest.approx(0.0, abs=1e-6)

@@ -461,9 +461,11 @@ def list_opener(tiny_sft, tmp_path_factory):
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(30):  # the loss on the last positions only: the 49k-token head on 3 positions, not 250
+    for step in range(200):  # the loss on the last positions only: the 49k-token head on 3 positions, not 250
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, -len(target) - 1 : -1]
         logits = model.lm_head(hidden)
+        if bool((logits.argmax(-1) == ids[:, -len(target) :]).all()) and step >= 30:
+            break  # greedy writes "1. " for every prompt (30 steps at least, as many as the SFT model needs)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, -len(target) :].flatten())
         opt.zero_grad()
         loss.backward()
@@ -481,7 +483,7 @@ def test_recommend_constrained_writes_only_catalog_titles(list_opener):
     assert free["text"].startswith("1"), free["text"]  # it opens a list ...
     assert not any(it["in_catalog"] for it in free["items"]), free  # ... but writes no catalog title on its own
     out = json.loads(rlhf(*args, "--max-new-tokens", "40", "--constrained").stdout.strip().splitlines()[-1])
-    assert out["items"] and all(it["in_catalog"] for it in out["items"]), out["text"]
+    assert out["items"] and all(it["in_catalog"] for it in out["items"]), (free["text"], out["text"])
 
 
 def test_constrained_decoding_forces_catalog_titles():
