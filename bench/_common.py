@@ -64,3 +64,17 @@ def scratch_run(source: Path, work: Path, links=("data", "sft", "reward"), copie
     if (source / "config.yaml").exists():
         shutil.copy(source / "config.yaml", work / "config.yaml")
     return work
+
+
+def median_time(fn, reps: int) -> float:
+    """Median wall time of ``fn()`` over ``reps`` calls, after one warm-up call."""
+    import statistics
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

@@ -16,22 +16,13 @@ Medians over --reps after a warm-up. Figures, not assertions: docs/results.md qu
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _median(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _common import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -79,7 +70,7 @@ def main() -> None:
     rows = [("generate, dynamic cache", gen()), ("generate, static cache", gen(cache_implementation="static"))]
     results = []
     for name, fn in rows:
-        secs = _median(fn, args.reps)
+        secs = median_time(fn, args.reps)
         results.append((name, secs))
     if args.compile:
         eager = model.forward
@@ -87,7 +78,7 @@ def main() -> None:
         t0 = time.perf_counter()
         gen(cache_implementation="static")()  # the first call compiles
         compile_s = time.perf_counter() - t0
-        secs = _median(gen(cache_implementation="static"), args.reps)
+        secs = median_time(gen(cache_implementation="static"), args.reps)
         results.append((f"static cache + torch.compile (compile {compile_s:.0f} s, once)", secs))
         model.forward = eager
 
@@ -99,7 +90,7 @@ def main() -> None:
             for m in linears:
                 torch.nn.functional.linear(x[m.in_features], m.weight)
 
-    floor_s = _median(floor, max(args.reps, 5))
+    floor_s = median_time(floor, max(args.reps, 5))
     print(f"{'':<58} {'s':>7} {'ms/step':>8} {'tok/s':>7} {'x floor':>7}")
     for name, secs in results:
         step = secs / n

@@ -15,22 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from _common import median_time  # noqa: E402
 
 
 def main() -> None:
@@ -86,7 +76,7 @@ def main() -> None:
     print("\ntraining step (forward + backward):")
     for name, build, autocast in rows:
         model = build()
-        secs = _median_time(step(model, autocast), args.reps)
+        secs = median_time(step(model, autocast), args.reps)
         print(f"  {name:<42} {secs:6.2f} s")
         del model
     if args.skip_generation:
@@ -99,7 +89,7 @@ def main() -> None:
 
     def gen_speed(model):
         n_new = 64
-        secs = _median_time(
+        secs = median_time(
             lambda: generate(model, tok, msgs, max_new_tokens=n_new, batch_size=16, min_new_tokens=n_new),
             max(1, args.reps - 1),
         )
