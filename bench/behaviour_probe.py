@@ -5,11 +5,12 @@
 Needs a run whose data came from the built-in simulator. Fits EASE, item-kNN and popularity on the run's training
 interactions (as the reward stage does), then for each held-out user scores several kinds of K-listing: what each
 evaluated LLM stage wrote (eval/listings.jsonl, when present), random catalog listings, each baseline's top K,
-and "one good + random" mixes. Prints, per behaviour model and power, the Pearson correlation of the term with true
-utility over all listings (each item's percentile among the prompt's candidates in rerank mode, as the reward term
-reads it), over the LLM's listings, and over the LLM's listings whose K items are all valid
-(which isolates "which items" from "valid or not"); and, per model, the mean per-user Spearman correlation of
-its item scores with true item utilities over unseen items.
+and "one good + random" mixes. Prints, per behaviour model and form of the term (``score``; ``percentile`` among the
+prompt's candidates in rerank mode, to powers 1, 2, 4), the Pearson correlation of the term with true utility over
+all listings, over the LLM's listings, and over the LLM's listings whose K items are all valid (which isolates
+"which items" from "valid or not"); in rerank mode, per model and form, the correlation within users over random
+K-lists of each user's own candidates (the choice the policy makes: both sides demeaned per user); and, per model,
+the mean per-user Spearman correlation of its item scores with true item utilities over unseen items.
 """
 
 from __future__ import annotations
@@ -97,13 +98,14 @@ def main() -> None:
         f"{a.run}: {len(users.rows)} {a.split} users, K={k}, {len(rows)} listings "
         f"({int(llm.sum())} by the LLM, {int((llm & valid).sum())} of them all-valid)"
     )
-    print(f"{'model':10s} {'power':>5s} {'all':>6s} {'llm':>6s} {'llm valid':>9s} {'valid':>6s}")
+    print(f"{'model':10s} {'form':12s} {'all':>6s} {'llm':>6s} {'llm valid':>9s} {'valid':>6s}")
+    forms = [("score", 1.0)] + [("percentile", p) for p in (1.0, 2.0, 4.0)]
     for name, model in models.items():
-        for power in (1.0, 2.0, 4.0):
+        for form, power in forms:
             v = np.array(
                 [
                     listing_value(
-                        model, items, r["history_ids"], k, power, r.get("history_ratings"), r.get("candidate_ids")
+                        model, items, r["history_ids"], k, power, r.get("history_ratings"), r.get("candidate_ids"), form
                     )
                     for _, r, items in rows
                 ]
@@ -112,7 +114,26 @@ def main() -> None:
             for mask in (np.ones_like(llm), llm, llm & valid, valid):
                 ok = mask.sum() > 2 and v[mask].std() > 0 and truth[mask].std() > 0
                 cells.append(f"{np.corrcoef(v[mask], truth[mask])[0, 1]:+.2f}" if ok else "n/a")
-            print(f"{name:10s} {power:5.1f} {cells[0]:>6s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>6s}")
+            label = form if form == "score" else f"pct^{power:g}"
+            print(f"{name:10s} {label:12s} {cells[0]:>6s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>6s}")
+    if users.rows[0].get("candidate_ids"):
+        print("within users, 30 random K-lists of each user's candidates (term and truth demeaned per user):")
+        for name, model in models.items():
+            cells = []
+            for form, power in forms:
+                got, true = [], []
+                for r in users.rows:
+                    seen = set(r["history_ids"])
+                    offered = [c for c in r["candidate_ids"] if c not in seen]
+                    lists = [list(rng.choice(offered, size=k, replace=False)) for _ in range(30)]
+                    ratings = r.get("history_ratings")
+                    v = [listing_value(model, x, r["history_ids"], k, power, ratings, offered, form) for x in lists]
+                    t = [sim.list_utility(sim.user(r["user_id"]), x, seen, k) for x in lists]
+                    got.append(np.subtract(v, np.mean(v)))
+                    true.append(np.subtract(t, np.mean(t)))
+                label = form if form == "score" else f"pct^{power:g}"
+                cells.append(f"{label} {np.corrcoef(np.concatenate(got), np.concatenate(true))[0, 1]:+.2f}")
+            print(f"  {name:10s} " + "  ".join(cells))
     print("per-user Spearman of item scores with true item utility (unseen items):")
     for name, model in models.items():
         rhos = []

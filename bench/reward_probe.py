@@ -49,7 +49,7 @@ def main() -> None:
         raise SystemExit(f"{run_dir}: the data did not come from the simulator, so true utility is unknown")
     if not run.done("reward"):
         raise SystemExit(f"{run_dir}: no reward model (run `rlhf reward --run {run_dir}` first)")
-    composite = for_run(run, cfg.ppo.reward_weights, resolve(cfg.model), cfg.reward.behaviour_power)
+    composite = for_run(run, cfg.ppo.reward_weights, resolve(cfg.model), cfg.reward)
     sim, catalog, k = ctx.sim, ctx.catalog, ctx.meta["k"]
     rng = np.random.default_rng(args.seed)
 

@@ -65,10 +65,10 @@ class CompositeReward:
         return [t - self.weights["learned"] * s for t, s in zip(scored.total, learned)]
 
 
-def for_run(run, weights: dict, dtype: str, power: float = 1.0) -> CompositeReward:
+def for_run(run, weights: dict, dtype: str, reward=None) -> CompositeReward:
     """The composite of a run (a RunDir): its catalog and K, and what the reward stage made for it: the reward model
-    as the learned term (loaded in ``dtype`` on this process's device) and the behaviour model; ``power`` is the
-    behaviour term's (reward.behaviour_power)."""
+    as the learned term (loaded in ``dtype`` on this process's device) and the behaviour model, read as ``reward``
+    (the config's reward section: behaviour_form, behaviour_power) says; its defaults without one."""
     from reward_models.terms.behaviour import BehaviourModel
     from rlhf.models import load_reward_model, load_tokenizer, on_device
 
@@ -78,5 +78,7 @@ def for_run(run, weights: dict, dtype: str, power: float = 1.0) -> CompositeRewa
         learned = LearnedScore(on_device(load_reward_model(path, dtype)), load_tokenizer(str(path)))
     if run.reward.behaviour.exists():
         behaviour = BehaviourModel.load(run.reward.behaviour)
-    env = RewardEnv(run.catalog(), run.meta()["k"], learned, behaviour, power)
+    env = RewardEnv(run.catalog(), run.meta()["k"], learned, behaviour)
+    if reward is not None:
+        env.behaviour_power, env.behaviour_form = reward.behaviour_power, reward.behaviour_form
     return CompositeReward(env, weights)

@@ -222,7 +222,7 @@ def _fit_weights(run: RunDir, cfg: Config, pairs: list[dict], dtype: str) -> dic
     from reward_models.composite import for_run
     from reward_models.weights import fit_weights
 
-    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power)
+    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward)
     fitted = fit_weights(composite, pairs)
     run.reward.weights.write_text(json.dumps(fitted, indent=2))
     shown = ", ".join(f"{t} {w:.2f}" for t, w in fitted["weights"].items() if w)

@@ -45,6 +45,7 @@ CandidateOrder = Literal["ranked", "shuffled"]
 Retriever = Literal["ease", "itemknn", "popularity", "genre", "random"]
 RewardInit = Literal["auto", "sft", "base"]
 BehaviourName = Literal["itemknn", "ease", "popularity", "genre", "none"]
+BehaviourForm = Literal["score", "percentile"]
 PairSource = Literal["ratings", "clicks", "simulator", "labels"]
 Algorithm = Literal["ppo", "grpo", "rloo"]
 Scheduler = Literal["linear", "constant"]
@@ -254,7 +255,12 @@ class RewardConfig(TrainCommon):
         "itemknn",
         "the behaviour term's model, fit on the training interactions: itemknn | ease | genre | popularity | none",
     )
-    behaviour_power: float = _f(1.0, "the behaviour term credits each item's percentile to this power (>1: the top)")
+    behaviour_form: BehaviourForm = _f(
+        "score",
+        "how the behaviour term reads its model: score (DCG of each item's score scaled over the user's catalog, "
+        "over the catalog's best) | percentile (DCG of each item's percentile among the candidates)",
+    )
+    behaviour_power: float = _f(1.0, "form percentile: each item's percentile to this power (>1: the top)")
     fit_weights: bool = _f(
         False,
         "fit the composite's term weights on the held-out pairs (Bradley-Terry, w >= 0) into reward/weights.json",

@@ -259,7 +259,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
     save_resolved(cfg, run, ["eval", "track"])
     torch.manual_seed(cfg.run.seed)
     dtype = resolve(cfg.model, "eval")
-    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power) if run.done("reward") else None
+    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward) if run.done("reward") else None
     cold = [j for j, r in enumerate(users.rows) if r["cold_start"]]
     results = {
         "k": k,

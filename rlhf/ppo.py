@@ -114,7 +114,7 @@ def _reward_and_constraints(run: RunDir, cfg: Config, tokenizer, rows, ids, poli
     from reward_models.trl_ppo import TRLRewardAdapter
     from rlhf.data.simulator import listing_truth
 
-    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward.behaviour_power)
+    composite = for_run(run, cfg.ppo.reward_weights, dtype, cfg.reward)
     reward = TRLRewardAdapter(composite, tokenizer, policy_config, truth=listing_truth(run.catalog(), run.meta()))
     constraints = None
     if cfg.ppo.constrained:

@@ -119,7 +119,7 @@ def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dic
 
     p = cfg.ppo
     reward = CompositeRewardFunc(
-        for_run(run, p.reward_weights, dtype, cfg.reward.behaviour_power),
+        for_run(run, p.reward_weights, dtype, cfg.reward),
         [PromptContext.from_row(r) for r in rows],
         tokenizer.eos_token_id,
         p.missing_eos_penalty,

@@ -106,6 +106,7 @@ def _config_cases():
         (["data.protocol=injected"], "data.protocol='injected' is not one of"),
         (["data.windows=0"], "data.windows must be >= 1"),
         (["reward.behaviour_model=svd"], "reward.behaviour_model='svd' is not one of"),
+        (["reward.behaviour_form=rank"], "reward.behaviour_form='rank' is not one of"),
         (["eval.split=train"], "eval.split='train' is not one of"),
         (["eval.stages=base,dpo"], "eval.stages has unknown ['dpo']"),
         (["label.split=train"], "label.split='train' is not one of"),

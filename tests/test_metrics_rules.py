@@ -347,21 +347,27 @@ def _tiny_behaviour():
 
 
 def test_behaviour_term_by_hand():
-    """A user who loved a: b is their best unseen item, then c and d (history weights: rating - 3); a made-up, a
-    repeated and an already-seen item earn nothing; the best items first score above the worst first."""
+    """Form percentile. A user who loved a: b is their best unseen item, then c and d (history weights: rating - 3);
+    a made-up, a repeated and an already-seen item earn nothing; the best items first score above the worst first."""
     from reward_models.terms.behaviour import BehaviourModel, listing_value
 
     model = _tiny_behaviour()
     pct = model.percentiles(["a"], [5.0])
     assert pct[model.index["b"]] == 1.0 and np.isnan(pct[model.index["a"]])  # seen: no percentile
     ideal = 1 + 1 / math.log2(3)
-    best = listing_value(model, ["b", "e"], ["a"], 2, ratings=[5.0])
+    best = listing_value(model, ["b", "e"], ["a"], 2, ratings=[5.0], form="percentile")
     assert best == pytest.approx((1.0 + pct[model.index["e"]] / math.log2(3)) / ideal)
-    worst = listing_value(model, ["e", "b"], ["a"], 2, ratings=[5.0])
+    worst = listing_value(model, ["e", "b"], ["a"], 2, ratings=[5.0], form="percentile")
     assert best > worst
-    assert listing_value(model, [None, "b"], ["a"], 2, ratings=[5.0]) == pytest.approx(1 / math.log2(3) / ideal)
-    assert listing_value(model, ["b", "b"], ["a"], 2, ratings=[5.0]) == pytest.approx(1 / ideal)  # a repeat: 0
-    assert listing_value(model, ["a", "b"], ["a"], 2, ratings=[5.0]) == pytest.approx(1 / math.log2(3) / ideal)
+    assert listing_value(model, [None, "b"], ["a"], 2, ratings=[5.0], form="percentile") == pytest.approx(
+        1 / math.log2(3) / ideal
+    )
+    assert listing_value(model, ["b", "b"], ["a"], 2, ratings=[5.0], form="percentile") == pytest.approx(
+        1 / ideal
+    )  # a repeat: 0
+    assert listing_value(model, ["a", "b"], ["a"], 2, ratings=[5.0], form="percentile") == pytest.approx(
+        1 / math.log2(3) / ideal
+    )
     # a 1/5 for a pushes its neighbour b below the others; unrated history counts as liked
     assert model.percentiles(["a"], [1.0])[model.index["b"]] == 0.0
     assert model.percentiles(["a"], None)[model.index["b"]] == 1.0
@@ -371,6 +377,48 @@ def test_behaviour_term_by_hand():
     with tempfile.TemporaryDirectory() as tmp:
         again = BehaviourModel.load(model.save(Path(tmp) / "b.npz"))
     assert np.allclose(again.percentiles(["a"], [5.0]), pct, equal_nan=True)
+
+
+def test_behaviour_term_score_form_by_hand():
+    """Form score (the default): each item's score scaled over the user's unseen catalog (0 at its 10th percentile,
+    1 at the best), DCG over the catalog's best K; a made-up, a repeated, a seen and an unoffered item earn nothing;
+    the best first beats the worst first; candidates that miss the user's best cannot reach 1."""
+    from reward_models.terms.behaviour import listing_value
+
+    model = _tiny_behaviour()
+    s = model.scores(["a"], [5.0]).astype(float)
+    unseen = [model.index[i] for i in "bcde"]
+    lo, hi = np.percentile(s[unseen], 10), s[unseen].max()
+    v = {i: min(max((s[model.index[i]] - lo) / (hi - lo), 0.0), 1.0) for i in "bcde"}
+    assert v["b"] == 1.0 and min(v.values()) == 0.0
+    second = sorted(v.values())[-2]
+    ideal = 1 + second / math.log2(3)
+    d = 1 / math.log2(3)
+
+    def value(items, **kw):
+        return listing_value(model, items, ["a"], 2, ratings=[5.0], **kw)
+
+    assert value(["b", "e"]) == pytest.approx((1 + v["e"] * d) / ideal)
+    assert value(["b", "c"]) > value(["c", "b"])  # the user's best first
+    assert value([None, "b"]) == pytest.approx(d / ideal)  # made up: nothing
+    assert value(["b", "b"]) == pytest.approx(1 / ideal)  # a repeat: nothing
+    assert value(["a", "b"]) == pytest.approx(d / ideal)  # already seen: nothing
+    assert value(["b", "c"], candidates=["c", "d", "e"]) == pytest.approx(v["c"] * d / ideal)  # b not offered
+    among = model.percentiles(["a"], [5.0], ["c", "d", "e"])
+    best_offered = max("cde", key=lambda i: among[model.index[i]])  # the percentile form's first choice
+    assert value([best_offered], candidates=["c", "d", "e"]) < 1.0  # the offer missed the user's best, b
+    # the percentile form scores the same offer's best at the top: it cannot tell a poor offer from a good one
+    assert (
+        listing_value(model, [best_offered], ["a"], 1, ratings=[5.0], candidates=["c", "d", "e"], form="percentile")
+        == 1.0
+    )
+    with pytest.raises(ValueError, match="use score or percentile"):
+        value(["b"], form="rank")
+    # a model with no preference (every unseen item scores alike) values each unseen item 1
+    from reward_models.terms.behaviour import BehaviourModel
+
+    flat = BehaviourModel("popularity", ["a", "b", "c"], None, np.ones(3))
+    assert listing_value(flat, ["b", "c"], ["a"], 2) == pytest.approx(1.0)
 
 
 def test_behaviour_term_among_candidates_spans_the_choice():
@@ -387,11 +435,11 @@ def test_behaviour_term_among_candidates_spans_the_choice():
     assert np.isnan(among[model.index["b"]]) and np.isnan(among[model.index["a"]])  # not offered; seen
     assert max(whole[model.index[i]] for i in ranked) < 1.0  # b, the catalog's best, is not among them
     ideal = 1 + 1 / math.log2(3)
-    top = listing_value(model, ranked[:2], ["a"], 2, ratings=[5.0], candidates=["c", "d", "e"])
+    top = listing_value(model, ranked[:2], ["a"], 2, ratings=[5.0], candidates=["c", "d", "e"], form="percentile")
     assert top == pytest.approx((1.0 + 0.5 / math.log2(3)) / ideal)
-    assert listing_value(model, ["b", ranked[0]], ["a"], 2, ratings=[5.0], candidates=["c", "d", "e"]) == (
-        pytest.approx(1.0 / math.log2(3) / ideal)
-    )
+    assert listing_value(
+        model, ["b", ranked[0]], ["a"], 2, ratings=[5.0], candidates=["c", "d", "e"], form="percentile"
+    ) == (pytest.approx(1.0 / math.log2(3) / ideal))
 
 
 def test_next_item_term_by_hand(catalog):
@@ -422,9 +470,10 @@ def test_behaviour_term_with_the_genre_model(tmp_path):
     model = BehaviourModel.fit("genre", list(genres), log, genres)
     pct = model.percentiles(["c1", "h1"], [5.0, 1.0])
     assert pct[model.index["c2"]] == 1.0 and pct[model.index["h2"]] == 0.0
-    assert listing_value(model, ["c2", "h2"], ["c1", "h1"], 2, ratings=[5.0, 1.0]) > listing_value(
-        model, ["h2", "c2"], ["c1", "h1"], 2, ratings=[5.0, 1.0]
-    )
+    for form in ("score", "percentile"):
+        assert listing_value(model, ["c2", "h2"], ["c1", "h1"], 2, ratings=[5.0, 1.0], form=form) > listing_value(
+            model, ["h2", "c2"], ["c1", "h1"], 2, ratings=[5.0, 1.0], form=form
+        )
     again = BehaviourModel.load(model.save(tmp_path / "b.npz"))
     assert again.factors is not None and again.matrix is None
     assert np.allclose(again.percentiles(["c1", "h1"], [5.0, 1.0]), pct, equal_nan=True)

@@ -391,7 +391,7 @@ def _reward_vs_truth_from_listings(run, m) -> dict:
 
     cfg = load_config(TINY, run_config=RunDir(run).config)
     users = HeldOutUsers(RunDir(run), cfg.eval.split, cfg.eval.max_users)
-    composite = for_run(RunDir(run), cfg.ppo.reward_weights, m["dtype"], cfg.reward.behaviour_power)
+    composite = for_run(RunDir(run), cfg.ppo.reward_weights, m["dtype"], cfg.reward)
     listings = read_jsonl(run / "eval" / "listings.jsonl")
     reward, rules, terms, util = [], [], {}, []
     for stage in m["stages"]:

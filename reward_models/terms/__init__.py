@@ -54,6 +54,7 @@ class RewardEnv:
     reward_model: object = None  # a learned.LearnedScore
     behaviour: object = None  # a behaviour.BehaviourModel fit on the run's training interactions
     behaviour_power: float = 1.0
+    behaviour_form: str = "score"  # reward.behaviour_form: score | percentile
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class TermSpec:
 TERMS: dict[str, TermSpec] = {
     "learned": TermSpec(1.0, "the learned reward model's score on (prompt, listing)", builder=learned.term),
     "behaviour": TermSpec(
-        0.0, "DCG of the listed items' percentiles in the user's behaviour-model ranking", builder=behaviour.term
+        0.0, "DCG of the listed items' values (or percentiles) in the user's behaviour model", builder=behaviour.term
     ),
     "next_item": TermSpec(
         0.0, "training prompts: NDCG@K of the listing against the user's next items", builder=next_item.term
