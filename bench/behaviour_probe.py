@@ -99,9 +99,9 @@ def main() -> None:
         f"({int(llm.sum())} by the LLM, {int((llm & valid).sum())} of them all-valid)"
     )
     print(f"{'model':10s} {'form':12s} {'all':>6s} {'llm':>6s} {'llm valid':>9s} {'valid':>6s}")
-    forms = [("score", 1.0)] + [("percentile", p) for p in (1.0, 2.0, 4.0)]
+    forms = [("score", 1.0, "score")] + [("percentile", p, f"pct^{p:g}") for p in (1.0, 2.0, 4.0)]
     for name, model in models.items():
-        for form, power in forms:
+        for form, power, label in forms:
             v = np.array(
                 [
                     listing_value(
@@ -114,13 +114,12 @@ def main() -> None:
             for mask in (np.ones_like(llm), llm, llm & valid, valid):
                 ok = mask.sum() > 2 and v[mask].std() > 0 and truth[mask].std() > 0
                 cells.append(f"{np.corrcoef(v[mask], truth[mask])[0, 1]:+.2f}" if ok else "n/a")
-            label = form if form == "score" else f"pct^{power:g}"
             print(f"{name:10s} {label:12s} {cells[0]:>6s} {cells[1]:>6s} {cells[2]:>9s} {cells[3]:>6s}")
     if users.rows[0].get("candidate_ids"):
         print("within users, 30 random K-lists of each user's candidates (term and truth demeaned per user):")
         for name, model in models.items():
             cells = []
-            for form, power in forms:
+            for form, power, label in forms:
                 got, true = [], []
                 for r in users.rows:
                     seen = set(r["history_ids"])
@@ -131,7 +130,6 @@ def main() -> None:
                     t = [sim.list_utility(sim.user(r["user_id"]), x, seen, k) for x in lists]
                     got.append(np.subtract(v, np.mean(v)))
                     true.append(np.subtract(t, np.mean(t)))
-                label = form if form == "score" else f"pct^{power:g}"
                 cells.append(f"{label} {np.corrcoef(np.concatenate(got), np.concatenate(true))[0, 1]:+.2f}")
             print(f"  {name:10s} " + "  ".join(cells))
     print("per-user Spearman of item scores with true item utility (unseen items):")

@@ -78,7 +78,8 @@ def for_run(run, weights: dict, dtype: str, reward=None) -> CompositeReward:
         learned = LearnedScore(on_device(load_reward_model(path, dtype)), load_tokenizer(str(path)))
     if run.reward.behaviour.exists():
         behaviour = BehaviourModel.load(run.reward.behaviour)
-    env = RewardEnv(run.catalog(), run.meta()["k"], learned, behaviour)
-    if reward is not None:
-        env.behaviour_power, env.behaviour_form = reward.behaviour_power, reward.behaviour_form
+    reading = (
+        {} if reward is None else {"behaviour_power": reward.behaviour_power, "behaviour_form": reward.behaviour_form}
+    )
+    env = RewardEnv(run.catalog(), run.meta()["k"], learned, behaviour, **reading)
     return CompositeReward(env, weights)

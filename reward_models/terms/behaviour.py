@@ -19,9 +19,9 @@ The term reads the model's scores in one of two forms (``reward.behaviour_form``
   percentile keeps only the order within the user, so every user's best listing scores 1, whatever was offered.
 
 On the demo's data and its 80 test users, against true utility (bench/behaviour_probe.py prints both forms):
-``score`` tracks it better for every behaviour model, over the LLM's listings (genre +0.85 against +0.60 on
-PPO's) and within each user's own candidates (random 3-lists of them: genre +0.79 against +0.74, item-kNN +0.41
-against +0.37, EASE +0.36 against +0.29), the difference PPO climbs.
+``score`` tracks it better for every behaviour model, over the LLM's listings (genre +0.85 against +0.57) and
+within each user's own candidates (random 3-lists of them: genre +0.79 against +0.73, item-kNN +0.44 against +0.38,
+EASE +0.36 against +0.31), the difference PPO climbs.
 
 Either way made-up titles, repeats, items the user already has and, with candidates, items outside them earn
 nothing, so the term also pays for validity.
