@@ -353,6 +353,12 @@ class PPOStageConfig:
         "rollouts may write only allowed titles at item positions (the prompt's candidates in rerank mode, the "
         "catalog otherwise), and every policy forward is masked the same way (rlhf/constrained.py)",
     )
+    title_explore: float = _f(
+        0.0,
+        "with constrained: in rollouts, the share of each title choice drawn uniformly among the allowed titles "
+        "(exploration beyond the temperature; the policy's own log-probabilities stay in the ratio; eval, recommend "
+        "and labeling never explore)",
+    )
     rollout_logprobs: LogprobSource = _f(
         "training",
         "ppo: where the old log-probabilities in its ratio come from: training = a forward pass like the "
@@ -370,6 +376,10 @@ class PPOStageConfig:
             )
         if self.max_seconds < 0:
             raise ConfigError("ppo.max_seconds must be >= 0 (0 = no time limit)")
+        if not 0.0 <= self.title_explore <= 1.0:
+            raise ConfigError(f"ppo.title_explore must be in [0, 1] (got {self.title_explore})")
+        if self.title_explore and not self.constrained:
+            raise ConfigError("ppo.title_explore explores among the allowed titles: it needs ppo.constrained: true")
         if self.batch_size % self.mini_batches:
             raise ConfigError(
                 f"ppo.batch_size ({self.batch_size}) must be divisible by ppo.mini_batches ({self.mini_batches})"

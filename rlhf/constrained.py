@@ -80,6 +80,7 @@ class ListingRule:
         self.tokenizer = tokenizer
         ends = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in (" —", "\n")]
         self.after_title = sorted({ids[0] for ids in ends if ids} | {tokenizer.eos_token_id})
+        self.after_title_set = frozenset(self.after_title)
         self.newlines = newline_token_ids(tokenizer)
 
     def _title_tokens(self, line: list[int]) -> list[int] | None:
@@ -121,11 +122,31 @@ class ListingRule:
 
 
 class TitleProcessor(LogitsProcessor):
-    """Generation-time masking. ``allowed``: one ``Allowed`` (or trie) for every row, or one per row (None: free)."""
+    """Generation-time masking. ``allowed``: one ``Allowed`` (or trie) for every row, or one per row (None: free).
 
-    def __init__(self, allowed, tokenizer, prompt_length: int, rule: ListingRule | None = None):
+    ``explore`` > 0 (RL rollouts only): at each title choice (an item position inside no complete title, where more
+    than one allowed token may come) the next token is drawn from ``(1 - explore) * p + explore * uniform(allowed)``,
+    p being the policy's distribution at the sampling ``temperature``; so every offered title keeps at least
+    ``explore / n`` of the choice, however sure the policy is. Explanation text and the tokens inside a title are
+    sampled as the policy says. The trainers' old log-probabilities stay the policy's own (rlhf/rollout.py): an
+    explored listing is scored and learned from as if the policy had written it; the sampler-vs-policy gap is what
+    PPO's ``rollout/sampler_*`` metrics report."""
+
+    def __init__(
+        self,
+        allowed,
+        tokenizer,
+        prompt_length: int,
+        rule: ListingRule | None = None,
+        explore: float = 0.0,
+        temperature: float = 1.0,
+    ):
+        if not 0.0 <= explore <= 1.0:
+            raise ValueError(f"explore must be in [0, 1], got {explore}")
         self.allowed, self.prompt_length = allowed, prompt_length
         self.rule = rule or ListingRule(tokenizer)
+        self.explore, self.temperature = explore, temperature
+        self.explored = 0  # title choices seen with more than one option, for the rollouts' statistics
 
     def _for(self, row: int):
         a = self.allowed[row] if isinstance(self.allowed, list) else self.allowed
@@ -135,11 +156,24 @@ class TitleProcessor(LogitsProcessor):
         for row in range(input_ids.shape[0]):
             allowed = self._for(row)
             tokens = self.rule.allowed(input_ids[row, self.prompt_length :].tolist(), allowed) if allowed else None
-            if tokens is not None:
-                mask = torch.full_like(scores[row], float("-inf"))
-                mask[tokens] = 0.0
-                scores[row] = scores[row] + mask
+            if tokens is None:
+                continue
+            mask = torch.full_like(scores[row], float("-inf"))
+            mask[tokens] = 0.0
+            scores[row] = scores[row] + mask
+            if self.explore > 0 and len(tokens) > 1 and self.rule.after_title_set.isdisjoint(tokens):
+                scores[row] = self._mixed(scores[row], tokens)
+                self.explored += 1
         return scores
+
+    def _mixed(self, row_scores: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+        """Scores whose softmax at ``temperature`` (applied after this processor) is the exploration mixture."""
+        t = max(self.temperature, 1e-6)
+        p = torch.softmax(row_scores.float() / t, -1)
+        mixed = (1.0 - self.explore) * p[tokens] + self.explore / len(tokens)
+        out = torch.full_like(row_scores, float("-inf"))
+        out[tokens] = (mixed.log() * t).to(row_scores.dtype)
+        return out
 
 
 def mask_logits(logits: torch.Tensor, input_ids: torch.Tensor, starts: list, allowed: list, rule: ListingRule):
@@ -178,6 +212,7 @@ class PromptConstraints:
         self.everything = Allowed(TitleTrie.from_catalog(catalog, tokenizer))
         self.by_prompt: dict[tuple, Allowed] = {}
         self._tries: dict[tuple, TitleTrie] = {}
+        self.explore = 0.0  # RL rollouts only (ppo.title_explore): see TitleProcessor
 
     def register(
         self, prompt_ids: list[int], candidate_ids: list[str], history_ids: list[str] = (), k: int | None = None
@@ -201,10 +236,14 @@ class PromptConstraints:
         prompt = tuple(ids[j] for j in real[:end])
         return self.by_prompt.get(prompt, self.everything), (real[end] if end < len(real) else len(ids))
 
-    def processor(self, input_ids, attention_mask) -> TitleProcessor:
+    def processor(self, input_ids, attention_mask, temperature: float = 1.0) -> TitleProcessor:
+        """The masking processor for a generation batch; it explores title choices by ``self.explore``, drawn at
+        the sampling ``temperature``."""
         rows = zip(input_ids.tolist(), attention_mask.tolist())
         allowed = [self.by_prompt.get(tuple(i for i, k in zip(ids, keep) if k), self.everything) for ids, keep in rows]
-        return TitleProcessor(allowed, self.tokenizer, input_ids.shape[1], self.rule)
+        return TitleProcessor(
+            allowed, self.tokenizer, input_ids.shape[1], self.rule, explore=self.explore, temperature=temperature
+        )
 
     def mask(self, logits, input_ids, attention_mask):
         keep = attention_mask.tolist() if attention_mask is not None else [[1] * input_ids.shape[1]] * len(input_ids)

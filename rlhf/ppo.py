@@ -121,6 +121,7 @@ def _reward_and_constraints(run: RunDir, cfg: Config, tokenizer, rows, ids, poli
         from rlhf.constrained import PromptConstraints
 
         constraints = PromptConstraints(tokenizer, composite.env.catalog)
+        constraints.explore = cfg.ppo.title_explore
     k = run.meta()["k"]
     for r, prompt in zip(rows, ids):
         reward.register(prompt, r["prompt"], _context(r))

@@ -73,7 +73,9 @@ class SamplingPolicy(PeftModelForCausalLM):
         if self.constraints is not None:
             from transformers import LogitsProcessorList
 
-            proc = self.constraints.processor(kwargs["input_ids"], kwargs["attention_mask"])
+            config = kwargs.get("generation_config") or self.generation_config
+            temperature = config.temperature if config.do_sample and config.temperature else 1.0
+            proc = self.constraints.processor(kwargs["input_ids"], kwargs["attention_mask"], temperature)
             kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), proc])
         if self.merged_copy is not None:
             self.merged_copy.refresh()

@@ -103,6 +103,8 @@ def _config_cases():
         (["ppo.reward_weights.bogus=1"], "ppo.reward_weights has unknown term(s) ['bogus']"),
         (["ppo.reward_weights.learned=high"], "ppo.reward_weights.learned expects a number"),
         (["ppo.rollout_logprobs=old"], "ppo.rollout_logprobs='old' is not one of"),
+        (["ppo.title_explore=0.2", "ppo.constrained=false"], "ppo.title_explore explores among the allowed titles"),
+        (["ppo.title_explore=1.5", "ppo.constrained=true"], "ppo.title_explore must be in [0, 1]"),
         (["data.protocol=injected"], "data.protocol='injected' is not one of"),
         (["data.windows=0"], "data.windows must be >= 1"),
         (["reward.behaviour_model=svd"], "reward.behaviour_model='svd' is not one of"),

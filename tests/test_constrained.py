@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
@@ -40,6 +41,19 @@ def _policy_and_prompt():
     return tok, policy, catalog, messages
 
 
+def _rollout(policy, ids, config, *processors):
+    """TRL's rollout call (scores wanted), seeded."""
+    torch.manual_seed(0)
+    return policy.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=config,
+        return_dict_in_generate=True,
+        output_scores=True,
+        logits_processor=LogitsProcessorList(list(processors)),
+    )
+
+
 def test_constrained_rollouts_never_leave_the_candidates_and_score_as_they_sample():
     tok, policy, catalog, messages = _policy_and_prompt()
     candidates = [it.item_id for it in catalog.items[:5]]
@@ -51,15 +65,7 @@ def test_constrained_rollouts_never_leave_the_candidates_and_score_as_they_sampl
     ids = torch.tensor([prompt] * rows)
     marker = tok("1.", add_special_tokens=False)["input_ids"]
     config = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-    torch.manual_seed(0)
-    out = policy.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        generation_config=config,
-        return_dict_in_generate=True,
-        output_scores=True,
-        logits_processor=LogitsProcessorList([ForceText(marker, ids.shape[1])]),
-    )
+    out = _rollout(policy, ids, config, ForceText(marker, ids.shape[1]))
     responses = out.sequences[:, ids.shape[1] :]
     allowed = {catalog[c].display for c in candidates}
     for row in responses:
@@ -168,3 +174,89 @@ def test_listing_stop_ends_where_first_k_item_lines_cuts():
         written = tok.decode(ids[:at])
         assert written.rstrip("\n") == first_k_item_lines(text, k) == "\n".join(text.split("\n")[:cut])
         assert written.endswith("\n")  # the K-th line is complete before generation stops
+
+
+def test_title_exploration_mixes_a_uniform_share_into_title_choices_only():
+    """ppo.title_explore: at a title choice the sampler's distribution (after the temperature) is exactly
+    (1 - e) * p + e / n over the n allowed tokens, however sure the policy is; inside a finished title (where the
+    separator, a line break or EOS may come) and in free text nothing is mixed."""
+    from rlhf.constrained import Allowed, TitleProcessor, TitleTrie
+
+    tok = load_tokenizer("tiny")
+    catalog = Catalog.builtin()
+    ids = [catalog.ground(t).item_id for t in ("Alien", "Heat", "Fargo", "Up")]
+    trie = TitleTrie.from_items(catalog, ids, tok)
+    marker = tok("1.", add_special_tokens=False)["input_ids"]
+    firsts = sorted({tok(" " + catalog[i].display, add_special_tokens=False)["input_ids"][0] for i in ids})
+    assert len(firsts) == 4
+    sure = torch.full((1, len(tok)), -5.0)
+    sure[0, firsts[0]] = 30.0  # the policy all but certain of one title
+    prompt = [0, 1, 2]
+
+    def sampled(explore: float, generated: list[int], temperature: float = 0.7) -> torch.Tensor:
+        proc = TitleProcessor([Allowed(trie)], tok, len(prompt), explore=explore, temperature=temperature)
+        out = proc(torch.tensor([prompt + generated]), sure.clone())
+        return torch.softmax(out[0] / temperature, -1), proc.explored
+
+    plain, n_plain = sampled(0.0, marker)
+    assert plain[firsts[0]] > 0.999 and n_plain == 0
+    mixed, n_mixed = sampled(0.4, marker)
+    assert n_mixed == 1
+    p = plain[firsts]
+    assert torch.allclose(mixed[firsts], 0.6 * p + 0.4 / 4, atol=1e-5)
+    assert float(mixed[firsts].sum()) == pytest.approx(1.0, abs=1e-5)
+    assert all(float(mixed[t]) >= 0.1 - 1e-6 for t in firsts)  # every offered title keeps e / n
+    # a finished title: its continuations are not explored (an explored EOS would cut the listing short)
+    title = tok(" " + catalog[ids[0]].display, add_special_tokens=False)["input_ids"]
+    done_plain, _ = sampled(0.0, marker + title)
+    done_mixed, n_done = sampled(1.0, marker + title)
+    assert n_done == 0 and torch.equal(done_plain, done_mixed)
+    # free text (the explanation) is untouched
+    free = marker + title + tok(" — tense", add_special_tokens=False)["input_ids"]
+    text_mixed, n_text = sampled(1.0, free)
+    assert n_text == 0 and torch.allclose(text_mixed, torch.softmax(sure[0] / 0.7, -1))
+    with pytest.raises(ValueError, match="explore"):
+        TitleProcessor([Allowed(trie)], tok, len(prompt), explore=1.5)
+
+
+def test_explored_rollouts_spread_over_the_candidates_while_the_ratio_reads_the_policy():
+    """A sampler made sure of one title writes it every time; with title_explore = 1 its first titles spread over all
+    the candidates. The log-probabilities PPO takes as old ones stay the constrained policy's own (the masked full
+    forward), not the mixture's."""
+    tok, policy, catalog, messages = _policy_and_prompt()
+    first_token = {it.item_id: tok(" " + it.display, add_special_tokens=False)["input_ids"][0] for it in catalog.items}
+    by_first = {}
+    for item, t in first_token.items():  # five titles that part at their first token: one choice picks the title
+        by_first.setdefault(t, item)
+    candidates = list(by_first.values())[:5]
+    constraints = PromptConstraints(tok, catalog)
+    prompt = prompt_ids(tok, messages)
+    constraints.register(prompt, candidates)
+    marker = tok("1.", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt] * 40)
+    config = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=0.7, top_k=0, top_p=1.0)
+    favourite = first_token[candidates[2]]
+
+    class Sure(LogitsProcessor):  # runs before the constraints' processor: the sampler all but certain of one title
+        def __call__(self, input_ids, scores):
+            scores[:, favourite] += 40.0
+            return scores
+
+    def rollout(explore: float):
+        constraints.explore = explore
+        policy.setup_rollouts(None, merged=True, constraints=constraints)
+        out = _rollout(policy, ids, config, ForceText(marker, ids.shape[1]), Sure())
+        responses = out.sequences[:, ids.shape[1] :]
+        firsts = [parse_and_ground(tok.decode(r, skip_special_tokens=True), catalog)[0].item_id for r in responses]
+        return firsts, out.scores[len(marker)], responses
+
+    assert set(rollout(0.0)[0]) == {candidates[2]}
+    explored, scores, responses = rollout(1.0)
+    assert set(explored) == set(candidates)  # 40 uniform draws over 5 candidates reach all of them
+    # the old log-probabilities' logits at the title step are the masked policy forward's, not the uniform mixture
+    with torch.no_grad():
+        full = torch.cat([ids, responses], 1)
+        policy_logits = policy(input_ids=full, attention_mask=torch.ones_like(full)).logits[:, ids.shape[1] - 1 :]
+    step = len(marker)
+    assert torch.allclose(scores, policy_logits[:, step].float() / 0.7, atol=1e-3)
+    assert PromptConstraints(tok, catalog).explore == 0.0  # eval and recommend build their own: no exploration
