@@ -68,7 +68,7 @@ class CompositeReward:
 def for_run(run, weights: dict, dtype: str, reward=None) -> CompositeReward:
     """The composite of a run (a RunDir): its catalog and K, and what the reward stage made for it: the reward model
     as the learned term (loaded in ``dtype`` on this process's device) and the behaviour model, read as ``reward``
-    (the config's reward section: behaviour_form, behaviour_power) says; its defaults without one."""
+    (the config's reward section: behaviour_form, behaviour_power, behaviour_ratings) says; its defaults without one."""
     from reward_models.terms.behaviour import BehaviourModel
     from rlhf.models import load_reward_model, load_tokenizer, on_device
 
@@ -79,7 +79,13 @@ def for_run(run, weights: dict, dtype: str, reward=None) -> CompositeReward:
     if run.reward.behaviour.exists():
         behaviour = BehaviourModel.load(run.reward.behaviour)
     reading = (
-        {} if reward is None else {"behaviour_power": reward.behaviour_power, "behaviour_form": reward.behaviour_form}
+        {}
+        if reward is None
+        else {
+            "behaviour_power": reward.behaviour_power,
+            "behaviour_form": reward.behaviour_form,
+            "behaviour_ratings": reward.behaviour_ratings,
+        }
     )
     env = RewardEnv(run.catalog(), run.meta()["k"], learned, behaviour, **reading)
     return CompositeReward(env, weights)

@@ -165,7 +165,7 @@ def _explanations(acc: dict, users: HeldOutUsers, row: dict, explanations: list[
         acc["rating_claims"].extend(float(c) for e in explanations for c in rating_claims(e, shown, users.catalog))
 
 
-def baseline_lists(users: HeldOutUsers, k: int) -> dict[str, list[list]]:
+def baseline_lists(users: HeldOutUsers, k: int, behaviour_ratings: bool = True) -> dict[str, list[list]]:
     """Each classic recommender's top K per user, fit on the training interactions. In rerank mode they pick from
     the same candidates the LLM sees, and the same recommenders over the whole catalog are there too (``@catalog``),
     beside the retriever's own order and a random order of the candidates."""
@@ -194,17 +194,18 @@ def baseline_lists(users: HeldOutUsers, k: int) -> dict[str, list[list]]:
         rng = np.random.default_rng(0)
         out["random_order"] = [list(rng.permutation(r["candidate_ids"]))[:k] for r in users.rows]
     if users.run.reward.behaviour.exists():  # the reward's own teacher, so a policy that only copies it is seen
-        out["behaviour_model"] = _behaviour_lists(users, k, rerank)
+        out["behaviour_model"] = _behaviour_lists(users, k, rerank, behaviour_ratings)
     return out
 
 
-def _behaviour_lists(users: HeldOutUsers, k: int, rerank: bool) -> list[list]:
-    """The behaviour model's top K per user (its history weighted by the user's ratings, as the reward term reads)."""
+def _behaviour_lists(users: HeldOutUsers, k: int, rerank: bool, ratings: bool = True) -> list[list]:
+    """The behaviour model's top K per user, reading the history as the reward term does (weighted by the user's
+    ratings unless reward.behaviour_ratings is off)."""
     from reward_models.terms.behaviour import BehaviourModel
 
     model, out = BehaviourModel.load(users.run.reward.behaviour), []
     for r in users.rows:
-        pct = model.percentiles(r["history_ids"], r.get("history_ratings"))
+        pct = model.percentiles(r["history_ids"], r.get("history_ratings") if ratings else None)
         allowed = set(r["candidate_ids"]) if rerank else None
         order = [model.item_ids[j] for j in np.argsort(-np.nan_to_num(pct, nan=-1.0), kind="stable")]
         out.append([i for i in order if (allowed is None or i in allowed) and i not in r["history_ids"]][:k])
@@ -295,7 +296,7 @@ def run_eval(cfg: Config, run_dir: Path, k: int | None = None) -> dict:
                 for r, t in zip(users.rows, texts)
             )
             examples[stage] = texts[: ec.num_examples]
-    for name, lists in baseline_lists(users, k).items():
+    for name, lists in baseline_lists(users, k, cfg.reward.behaviour_ratings).items():
         per_user[name] = {}
         results["baselines"][name] = list_metrics(users, lists, k, per_user=per_user[name])
         if cold:

@@ -519,3 +519,26 @@ def test_response_kl_sums_each_rows_own_response_tokens():
     got = response_kl(policy, reference, tok, prompts, texts)
     assert abs(expected) > 1e-3 and got == pytest.approx(expected, rel=1e-4, abs=1e-5)
     assert response_kl(reference, reference, tok, prompts, texts) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_behaviour_term_reads_ratings_unless_told_implicit():
+    """reward.behaviour_ratings: a user who loved a and hated c. Read with ratings (the default, weights rating - 3)
+    c's neighbour d is pushed below b; read as implicit feedback (every history item weighs 1, as the classic
+    baselines score) b and d are alike. The term, built from the run's env, follows the reading."""
+    from reward_models.terms import TERMS
+
+    model = _tiny_behaviour()
+    cat = Catalog.from_records([{"item_id": i, "title": f"Film {i.upper()}"} for i in "abcde"])
+    ctx = PromptContext(["a", "c"], history_ratings=[5.0, 1.0])
+    rated = model.scores(["a", "c"], [5.0, 1.0])
+    implicit = model.scores(["a", "c"], None)
+    b, d = model.index["b"], model.index["d"]
+    assert rated[b] > rated[d] and implicit[b] == pytest.approx(implicit[d])
+
+    def term_value(listing="1. Film D — x\n2. Film B — y", **reading):
+        return TERMS["behaviour"].build(RewardEnv(cat, 2, behaviour=model, **reading))([[]], [listing], [ctx])[0]
+
+    # with ratings, listing the disliked film's neighbour first costs
+    assert term_value() < term_value("1. Film B — x\n2. Film D — y")
+    assert term_value(behaviour_ratings=False) == pytest.approx(1.0)  # implicitly, b and d are both the best
+    assert term_value() < term_value(behaviour_ratings=False)

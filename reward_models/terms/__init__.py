@@ -55,6 +55,7 @@ class RewardEnv:
     behaviour: object = None  # a behaviour.BehaviourModel fit on the run's training interactions
     behaviour_power: float = 1.0
     behaviour_form: str = "score"  # reward.behaviour_form: score | percentile
+    behaviour_ratings: bool = True  # reward.behaviour_ratings: weigh the history by the user's ratings
 
 
 @dataclass(frozen=True)

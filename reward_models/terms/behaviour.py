@@ -207,7 +207,7 @@ def score(env, prompts, completions, contexts) -> list[float]:
                 ctx.history_ids,
                 env.k,
                 env.behaviour_power,
-                ctx.history_ratings,
+                ctx.history_ratings if env.behaviour_ratings else None,
                 ctx.candidate_ids or None,
                 env.behaviour_form,
             )
