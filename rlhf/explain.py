@@ -34,9 +34,16 @@ def explain(item_id: str, history: list[tuple[str, float]], catalog: Catalog) ->
         g = " ".join(it.genres[:2]).lower() or "well-liked"
         return f"a {g} pick that widens your list"
     h, rating = best
-    rated = rating is not None and not math.isnan(rating)
+    rated = f", which you rated {stars(rating)}/5" if rating is not None and not math.isnan(rating) else None
     people = sorted(_people(it) & _people(h))
     if people:
-        return f"also by {people[0]}, like {h.title}" + (f", which you rated {int(rating)}/5" if rated else "")
+        return f"also by {people[0]}, like {h.title}" + (rated or "")
     shared = " ".join([g for g in it.genres if g in h.genres][:2]).lower()
-    return f"{shared} like {h.title}" + (f", which you rated {int(rating)}/5" if rated else ", which you watched")
+    return f"{shared} like {h.title}" + (rated or ", which you watched")
+
+
+def stars(rating: float) -> str:
+    """A rating as the prompt shows it: 4 for 4.0, 3.5 for 3.5 (half stars were once cut to "3/5": a misquote
+    that SFT then learned)."""
+    r = float(rating)
+    return str(int(r)) if r.is_integer() else f"{r:g}"

@@ -168,6 +168,23 @@ def test_rule_terms_on_crafted_listings(catalog):
     )
 
 
+def test_sft_reasons_quote_half_star_ratings_as_the_prompt_shows_them(catalog):
+    """The data stage's reasons (rlhf/explain.py) once cut 3.5 to "3/5" and 0.5 to "0/5": SFT learned to misquote.
+    Every reason explain writes for a rated history passes the claim check against that history."""
+    from rlhf.explain import explain, stars
+    from rlhf.prompts import PromptBuilder
+
+    heat, fargo = _ids(catalog, "Heat", "Fargo")
+    for rating in (0.5, 3.5, 4.0, 5.0):
+        reason = explain(fargo, [(heat, rating)], catalog)
+        assert f"which you rated {stars(rating)}/5" in reason
+        assert rating_claims(reason, [(heat, rating)], catalog) == [True], reason
+    assert (stars(0.5), stars(3.5), stars(4.0)) == ("0.5", "3.5", "4")
+    # the prompt shows the same figure the reason quotes
+    messages, _ = PromptBuilder(catalog).build([(heat, 3.5)], None)
+    assert "3.5" in messages[-1]["content"]
+
+
 def test_explanation_tie(catalog):
     h = _ids(catalog, "Heat")
     assert explanation_tied("a crime epic like Heat", h, catalog)
@@ -187,6 +204,13 @@ def test_rating_claims_checked_against_the_shown_history(catalog):
     assert rating_claims("a crime epic like Heat", shown, catalog) == []  # no claim made
     assert rating_claims("also by Michael Mann, like Heat, which you rated 5/5", shown, catalog) == [True]
     assert rating_claims("heists like Ocean's, like Heat, which you rated 5/5", shown, catalog) == [True]
+
+    # half stars (MovieLens): the reason must quote the rating the prompt showed, not a rounded one
+    half = [(heat, 3.5), (alien, 4.0)]
+    assert rating_claims("crime like Heat, which you rated 3.5/5", half, catalog) == [True]
+    assert rating_claims("crime like Heat, which you rated 3/5", half, catalog) == [False]
+    assert rating_claims("crime like Heat, which you rated 4/5", half, catalog) == [False]
+    assert rating_claims("sci-fi like Alien, which you rated 4/5", half, catalog) == [True]
 
     # as a reward term: one of three reasons misquotes, the others quote correctly or quote nothing
     entries = parse_and_ground(

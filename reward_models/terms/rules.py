@@ -51,7 +51,7 @@ def rating_claims(explanation: str, shown: list[tuple[str, float | None]], catal
     out = []
     for title, stated in _RATING_CLAIM.findall(explanation):
         actual = ratings.get(normalise(title))
-        out.append(actual is not None and not math.isnan(actual) and round(actual) == round(float(stated)))
+        out.append(actual is not None and not math.isnan(actual) and abs(actual - float(stated)) < 1e-6)
     return out
 
 
