@@ -146,7 +146,7 @@ class TitleProcessor(LogitsProcessor):
         self.allowed, self.prompt_length = allowed, prompt_length
         self.rule = rule or ListingRule(tokenizer)
         self.explore, self.temperature = explore, temperature
-        self.explored = 0  # title choices seen with more than one option, for the rollouts' statistics
+        self.explored = 0  # title choices this processor mixed (tests read it; no trainer metric does yet)
 
     def _for(self, row: int):
         a = self.allowed[row] if isinstance(self.allowed, list) else self.allowed
@@ -204,7 +204,7 @@ class PromptConstraints:
     whole catalog otherwise, never the user's history. Prompts are known by their token ids (chat template up to the
     assistant header); an unregistered prompt may use the whole catalog."""
 
-    def __init__(self, tokenizer, catalog):
+    def __init__(self, tokenizer, catalog, explore: float = 0.0):
         from reward_models.encoding import ASSISTANT_HEADER
 
         self.tokenizer, self.catalog, self.rule = tokenizer, catalog, ListingRule(tokenizer)
@@ -212,7 +212,7 @@ class PromptConstraints:
         self.everything = Allowed(TitleTrie.from_catalog(catalog, tokenizer))
         self.by_prompt: dict[tuple, Allowed] = {}
         self._tries: dict[tuple, TitleTrie] = {}
-        self.explore = 0.0  # RL rollouts only (ppo.title_explore): see TitleProcessor
+        self.explore = explore  # RL rollouts only (ppo.title_explore): see TitleProcessor
 
     def register(
         self, prompt_ids: list[int], candidate_ids: list[str], history_ids: list[str] = (), k: int | None = None

@@ -120,8 +120,7 @@ def _reward_and_constraints(run: RunDir, cfg: Config, tokenizer, rows, ids, poli
     if cfg.ppo.constrained:
         from rlhf.constrained import PromptConstraints
 
-        constraints = PromptConstraints(tokenizer, composite.env.catalog)
-        constraints.explore = cfg.ppo.title_explore
+        constraints = PromptConstraints(tokenizer, composite.env.catalog, cfg.ppo.title_explore)
     k = run.meta()["k"]
     for r, prompt in zip(rows, ids):
         reward.register(prompt, r["prompt"], _context(r))

@@ -131,8 +131,7 @@ def _trainer(cfg: Config, run: RunDir, sft_path: Path, tokenizer, rows: list[dic
         from reward_models.encoding import prompt_ids
         from rlhf.constrained import PromptConstraints
 
-        allowed = policy.constraints = PromptConstraints(tokenizer, run.catalog())
-        allowed.explore = p.title_explore
+        allowed = policy.constraints = PromptConstraints(tokenizer, run.catalog(), p.title_explore)
         k = run.meta()["k"]
         for r in rows:
             allowed.register(prompt_ids(tokenizer, r["prompt"]), r.get("candidate_ids") or [], r["history_ids"], k)
